@@ -1,0 +1,141 @@
+"""The composition root: builds the worker from settings and runs it until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+from uvian_worker.errors import ConfigError, StoreUnavailable
+from uvian_worker.events import RedisPublisher
+from uvian_worker.executors.base import Executor
+from uvian_worker.executors.chat import ChatExecutor, ChatOptions
+from uvian_worker.providers import Provider, build_provider, provider_model
+from uvian_worker.providers.deadlines import Deadlines
+from uvian_worker.runtime.connections import check_redis, make_redis
+from uvian_worker.runtime.lifecycle import QueueOptions, QueueSpec, QueueWorkers, wait_for_stop_signal
+from uvian_worker.runtime.runner import JobRunner
+from uvian_worker.settings import Settings, resolve_provider
+from uvian_worker.store.chat import ChatRepository
+from uvian_worker.store.database import Database
+from uvian_worker.store.jobs import JobRepository
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Connected:
+    database: Database
+    redis_version: str
+
+
+async def connect(settings: Settings) -> _Connected:
+    """Check Redis and Postgres once, each within its timeout, before taking any job."""
+    redis_version = await check_redis(
+        settings.effective_redis_url, timeout_s=settings.connect_timeout_s
+    )
+    logger.info("Connected to Redis", extra={"redis_version": redis_version})
+    try:
+        database = await Database.connect(
+            settings.database_url.get_secret_value(),
+            min_size=settings.db_pool_min_size,
+            max_size=settings.db_pool_max_size,
+            acquire_timeout_s=settings.db_acquire_timeout_s,
+            command_timeout_s=settings.db_command_timeout_s,
+            connect_timeout_s=settings.connect_timeout_s,
+        )
+        await _check_schema(database)
+    except StoreUnavailable as exc:
+        raise ConfigError(f"DATABASE_URL: {exc}") from None
+    logger.info("Connected to Postgres", extra={"pool_max_size": settings.db_pool_max_size})
+    return _Connected(database, redis_version)
+
+
+async def _check_schema(database: Database) -> None:
+    async with database.transaction() as conn:
+        missing = await conn.fetchval(
+            "select count(*) from unnest($1::text[]) t(name) where to_regclass(t.name) is null",
+            ["public.jobs", "public.messages", "public.notifications", "public.profiles"],
+        )
+    if missing:
+        raise ConfigError("DATABASE_URL: the schema is missing; run `uvian-worker migrate` first")
+
+
+async def run_worker(settings: Settings) -> None:
+    connected = await connect(settings)
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(connected.database.close)
+        events_redis = make_redis(
+            settings.effective_redis_url, connect_timeout_s=settings.connect_timeout_s
+        )
+        stack.push_async_callback(events_redis.aclose)
+        provider = build_provider(settings)
+        stack.push_async_callback(provider.aclose)
+
+        publisher = RedisPublisher(events_redis)
+        executors = _executors(settings, connected.database, provider, publisher)
+        runner = JobRunner(executors, JobRepository(connected.database), publisher)
+        queues = QueueWorkers(_queue_specs(settings), _queue_options(settings), runner.process)
+        queues.start()
+        logger.info(
+            "Worker started",
+            extra={
+                "queues": list(settings.queue_names),
+                "concurrency": settings.worker_concurrency,
+                "notification_concurrency": settings.notification_concurrency,
+                "provider": resolve_provider(settings).value,
+            },
+        )
+
+        force = asyncio.Event()
+        signal_name = await wait_for_stop_signal(force.set)
+        logger.info(
+            "Stopping on %s: %d jobs in flight, grace period %g s",
+            signal_name,
+            queues.jobs_in_flight,
+            settings.shutdown_grace_s,
+        )
+        await queues.close(settings.shutdown_grace_s)
+    logger.info("Worker stopped")
+
+
+def _executors(
+    settings: Settings, database: Database, provider: Provider, publisher: RedisPublisher
+) -> dict[str, Executor]:
+    chat = ChatExecutor(
+        ChatRepository(database),
+        provider,
+        publisher,
+        ChatOptions(
+            history_limit=settings.history_limit,
+            max_message_chars=settings.max_message_chars,
+            reply_max_tokens=settings.reply_max_tokens,
+            temperature=settings.reply_temperature,
+            deadlines=Deadlines(
+                first_token_s=settings.first_token_timeout_s,
+                chunk_gap_s=settings.chunk_gap_timeout_s,
+                total_s=settings.reply_timeout_s,
+            ),
+        ),
+        default_model=provider_model(settings),
+    )
+    return {chat.job_name: chat}
+
+
+def _queue_specs(settings: Settings) -> list[QueueSpec]:
+    return [
+        QueueSpec(settings.chat_queue, settings.worker_concurrency),
+        QueueSpec(settings.notification_queue, settings.notification_concurrency),
+    ]
+
+
+def _queue_options(settings: Settings) -> QueueOptions:
+    return QueueOptions(
+        redis_url=settings.effective_redis_url,
+        prefix=settings.queue_prefix,
+        lock_duration_ms=settings.lock_duration_ms,
+        stalled_interval_ms=settings.stalled_interval_ms,
+        connect_timeout_s=settings.connect_timeout_s,
+        worker_name=settings.worker_name,
+    )

@@ -1,0 +1,1 @@
+"""Executors: one per job type. A job's name selects its executor."""

@@ -1,0 +1,49 @@
+"""What an executor is given and what it must do.
+
+An executor validates its input before anything else, does the work, records
+the outcome, and returns the small JSON result BullMQ stores. Failures are
+raised as errors from `uvian_worker.errors`; the runtime turns them into the
+job's failed state, its row and its status event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from uuid import UUID
+
+ProgressReporter = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+async def _no_progress(_progress: dict[str, Any]) -> None:
+    return None
+
+
+@dataclass(slots=True)
+class JobContext:
+    """One attempt of one job, as an executor sees it."""
+
+    job_id: UUID
+    name: str
+    input: dict[str, Any]
+    attempt: int  # 1 for the first attempt
+    max_attempts: int
+    report_progress: ProgressReporter = _no_progress
+    # Set when the job is to stop (a stop asked for on its cancel channel); the
+    # reason is the text the job's outcome records.
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    cancel_reason: str = "cancelled"
+
+    @property
+    def is_last_attempt(self) -> bool:
+        return self.attempt >= self.max_attempts
+
+
+class Executor(Protocol):
+    """Runs one job type. `run` validates `job.input` before touching anything."""
+
+    job_name: str
+
+    async def run(self, job: JobContext) -> dict[str, Any]: ...

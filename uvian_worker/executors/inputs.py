@@ -1,0 +1,86 @@
+"""Validation of job inputs: each input model turns bad data into one clear `InvalidInput`."""
+
+from __future__ import annotations
+
+import unicodedata
+from typing import Any, TypeVar
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from uvian_worker.errors import InvalidInput
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+# Control characters a chat message may carry; everything else in categories Cc/Cs is refused.
+_ALLOWED_CONTROLS = frozenset("\n\r\t")
+
+
+def check_text(value: str, *, max_chars: int) -> str:
+    """Refuse text a model should never see: too long, control characters, lone surrogates."""
+    if len(value) > max_chars:
+        raise ValueError(f"is too long ({len(value)} characters, the limit is {max_chars})")
+    for char in value:
+        if char in _ALLOWED_CONTROLS:
+            continue
+        if unicodedata.category(char) in ("Cc", "Cs"):
+            raise ValueError(f"contains a forbidden character U+{ord(char):04X}")
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True, str_strip_whitespace=False)
+
+
+class ChatInput(_Strict):
+    conversation_id: UUID = Field(alias="conversationId")
+    message: str = Field(min_length=1)
+    user_id: UUID = Field(alias="userId")
+    message_id: UUID = Field(alias="messageId")
+
+
+class NotificationInput(_Strict):
+    user_id: UUID = Field(alias="userId")
+    type: str = Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_.-]*$")
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("data")
+    @classmethod
+    def _small(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in ("conversationId", "senderId"):
+            if key in value and value[key] is not None:
+                UUID(str(value[key]))
+        return value
+
+
+def parse_input(model: type[ModelT], raw: Any, *, what: str) -> ModelT:
+    """Validate `raw` against `model`; the first problem becomes the error's text."""
+    if not isinstance(raw, dict):
+        raise InvalidInput(f"{what} input must be a JSON object, not {_json_type(raw)}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidInput(f"invalid {what} input: {_first_problem(exc)}") from None
+
+
+def _first_problem(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"]) or "input"
+    if error["type"] == "missing":
+        return f"{where} is required"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{where} {message}" if error["type"] == "value_error" else f"{where}: {message}"
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return type(value).__name__

@@ -1,0 +1,89 @@
+"""Logging set-up for the entry point, and the job context every log line carries.
+
+Library modules only do `logging.getLogger(__name__)`. `bind_job()` stores the
+job's id, name and attempt in a context variable once per job; a filter copies
+them onto every record made while that job's task runs, so no call site repeats
+them. Output is JSON lines (production) or readable lines (a terminal).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+_job_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "uvian_job_context", default=None
+)
+
+_RECORD_DEFAULTS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+@contextmanager
+def bind_job(**fields: Any) -> Iterator[None]:
+    """Attach `fields` (job id, name, attempt) to every log line of the current task."""
+    token = _job_context.set({**(_job_context.get() or {}), **fields})
+    try:
+        yield
+    finally:
+        _job_context.reset(token)
+
+
+class JobContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = _job_context.get()
+        if context:
+            for key, value in context.items():
+                setattr(record, key, value)
+        return True
+
+
+def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in record.__dict__.items() if k not in _RECORD_DEFAULTS}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+            **_extra_fields(record),
+        }
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(line, default=str).decode()
+
+
+class ConsoleFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        clock = datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
+        extras = " ".join(f"{k}={v}" for k, v in _extra_fields(record).items())
+        text = f"{clock} {record.levelname:<7} {record.getMessage()}"
+        if extras:
+            text = f"{text}  [{extras}]"
+        if record.exc_info:
+            text = f"{text}\n{self.formatException(record.exc_info)}"
+        return text
+
+
+def configure_logging(level: str = "INFO", log_format: str = "auto") -> None:
+    """Install one stderr handler on the root logger; only entry points call this."""
+    use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if use_json else ConsoleFormatter())
+    handler.addFilter(JobContextFilter())
+
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # Libraries that narrate every request at INFO would bury the job lines.
+    for noisy in ("aiohttp.access", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -1,0 +1,1 @@
+"""The worker runtime: connections, queues, the job runner, and the process lifecycle."""

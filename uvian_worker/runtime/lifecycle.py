@@ -1,0 +1,143 @@
+"""The BullMQ workers of one process: start, run until a signal, and shut down cleanly.
+
+Shutdown on SIGTERM or SIGINT: stop taking jobs at once, give jobs in flight up
+to `SHUTDOWN_GRACE_S` to finish, then cancel the rest. A cancelled job keeps its
+place in BullMQ's active list until its lock lapses; the stalled check of any
+live worker then puts it back in the queue, and its next run reuses the same
+reply (the reply is keyed by the job). A second signal skips the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bullmq import Worker
+
+from uvian_worker.clock import monotonic_s
+from uvian_worker.runtime.connections import make_redis
+
+logger = logging.getLogger(__name__)
+
+# One warning per this many seconds for repeated queue errors (a Redis outage
+# raises one per command), with a count of those left out.
+ERROR_LOG_INTERVAL_S = 5.0
+# How long a worker waits before asking Redis again after a connection error.
+RUN_RETRY_DELAY_MS = 1_000
+
+Processor = Callable[[Any, str], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    name: str
+    concurrency: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueueOptions:
+    redis_url: str
+    prefix: str
+    lock_duration_ms: int
+    stalled_interval_ms: int
+    connect_timeout_s: float
+    worker_name: str | None = None
+
+
+class _ErrorLog:
+    """Logs queue errors at most once per interval per error type."""
+
+    def __init__(self) -> None:
+        self._last_s: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def __call__(self, error: BaseException, *_args: Any) -> None:
+        kind = type(error).__name__
+        now_s = monotonic_s()
+        if now_s - self._last_s.get(kind, -ERROR_LOG_INTERVAL_S) < ERROR_LOG_INTERVAL_S:
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return
+        self._last_s[kind] = now_s
+        left_out = self._suppressed.pop(kind, 0)
+        logger.warning(
+            "Queue error: %s: %s", kind, str(error)[:200], extra={"repeats_left_out": left_out}
+        )
+
+
+class QueueWorkers:
+    """One `bullmq.Worker` per queue, each with its own Redis client and concurrency."""
+
+    def __init__(self, queues: list[QueueSpec], options: QueueOptions, processor: Processor):
+        self._queues = queues
+        self._options = options
+        self._processor = processor
+        self._workers: list[Worker] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._on_error = _ErrorLog()
+
+    def start(self) -> None:
+        for queue in self._queues:
+            worker = Worker(queue.name, self._processor, self._worker_options(queue))
+            worker.on("error", self._on_error)
+            self._workers.append(worker)
+            self._tasks.append(asyncio.create_task(worker.run(), name=f"queue:{queue.name}"))
+
+    def _worker_options(self, queue: QueueSpec) -> dict[str, Any]:
+        options = self._options
+        client = make_redis(
+            options.redis_url,
+            connect_timeout_s=options.connect_timeout_s,
+            max_connections=max(8, min(queue.concurrency + 4, 256)),
+        )
+        worker_options: dict[str, Any] = {
+            "connection": client,
+            "prefix": options.prefix,
+            "concurrency": queue.concurrency,
+            "lockDuration": options.lock_duration_ms,
+            "stalledInterval": options.stalled_interval_ms,
+            "maxStalledCount": 2,
+            "runRetryDelay": RUN_RETRY_DELAY_MS,
+            "autorun": False,
+        }
+        if options.worker_name:
+            worker_options["name"] = options.worker_name
+        return worker_options
+
+    @property
+    def jobs_in_flight(self) -> int:
+        return sum(len(worker.jobs) for worker in self._workers)
+
+    async def close(self, grace_s: float) -> None:
+        """Take no new job, wait up to `grace_s` for jobs in flight, then cancel them."""
+        closing = [asyncio.ensure_future(worker.close()) for worker in self._workers]
+        _done, pending = await asyncio.wait(closing, timeout=grace_s) if closing else (set(), set())
+        if pending:
+            logger.warning(
+                "Grace period of %g s is over; stopping %d jobs in flight, "
+                "they will be retried once their locks lapse",
+                grace_s,
+                self.jobs_in_flight,
+            )
+            await asyncio.gather(*(worker.close(force=True) for worker in self._workers))
+            await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def wait_for_stop_signal(on_second_signal: Callable[[], None]) -> str:
+    """Return the name of the first SIGTERM/SIGINT; a second one calls `on_second_signal`."""
+    loop = asyncio.get_running_loop()
+    received: asyncio.Future[str] = loop.create_future()
+
+    def handle(signum: signal.Signals) -> None:
+        if received.done():
+            on_second_signal()
+        else:
+            received.set_result(signum.name)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, handle, signum)
+    return await received

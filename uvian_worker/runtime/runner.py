@@ -1,0 +1,192 @@
+"""Runs one BullMQ job: select its executor, bind its log context, record its outcome.
+
+The processor handed to `bullmq.Worker` is `JobRunner.process`. Its contract
+with BullMQ: a returned dict completes the job; `UnrecoverableError` fails it
+at once whatever attempts are left; any other exception fails this attempt and
+lets the job's attempts and backoff decide whether it runs again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, Protocol
+from uuid import UUID
+
+from bullmq import Job, UnrecoverableError
+
+from uvian_worker import events
+from uvian_worker.clock import monotonic_s
+from uvian_worker.errors import (
+    InvalidInput,
+    JobCancelled,
+    TransientError,
+    WorkerError,
+)
+from uvian_worker.events import Publisher
+from uvian_worker.executors.base import Executor, JobContext
+from uvian_worker.observability.logs import bind_job
+
+logger = logging.getLogger(__name__)
+
+
+class OutcomeStore(Protocol):
+    async def record_outcome(
+        self,
+        *,
+        job_id: UUID,
+        job_name: str,
+        job_input: dict[str, Any],
+        status: str,
+        attempt: int,
+        error_message: str | None,
+        error_kind: str | None,
+    ) -> None: ...
+
+
+class RetryableJobError(Exception):
+    """Fails one attempt of a job so BullMQ's attempts and backoff run it again."""
+
+
+class JobRunner:
+    def __init__(
+        self,
+        executors: Mapping[str, Executor],
+        outcomes: OutcomeStore,
+        publisher: Publisher,
+    ) -> None:
+        self._executors = dict(executors)
+        self._outcomes = outcomes
+        self._publisher = publisher
+
+    async def process(self, job: Job, token: str) -> dict[str, Any]:
+        attempt = int(job.attemptsMade) + 1
+        max_attempts = max(int(job.opts.get("attempts") or 1), 1)
+        with bind_job(job_id=job.id, job_name=job.name, attempt=attempt):
+            started_s = monotonic_s()
+            logger.info("Job started")
+            try:
+                context = self._context(job, attempt, max_attempts)
+                result = await self._executor(job.name).run(context)
+            except WorkerError as exc:
+                raise await self._fail(job, attempt, max_attempts, exc, started_s) from None
+            except Exception as exc:
+                logger.exception("Job failed with an unexpected error")
+                internal = TransientError(f"internal error: {type(exc).__name__}")
+                raise await self._fail(job, attempt, max_attempts, internal, started_s) from exc
+            logger.info(
+                "Job completed", extra={"outcome": "completed", "duration_ms": _ms(started_s)}
+            )
+            return result
+
+    def _executor(self, name: str) -> Executor:
+        executor = self._executors.get(name)
+        if executor is None:
+            known = ", ".join(sorted(self._executors))
+            raise InvalidInput(f"unknown job name {name!r} (this worker runs: {known})")
+        return executor
+
+    def _context(self, job: Job, attempt: int, max_attempts: int) -> JobContext:
+        return JobContext(
+            job_id=_job_uuid(job),
+            name=job.name,
+            input=_job_input(job.data),
+            attempt=attempt,
+            max_attempts=max_attempts,
+        )
+
+    async def _fail(
+        self, job: Job, attempt: int, max_attempts: int, exc: WorkerError, started_s: float
+    ) -> Exception:
+        """Record and publish a failed attempt; returns what tells BullMQ to retry or not."""
+        will_retry = isinstance(exc, TransientError) and attempt < max_attempts
+        status = _failure_status(exc, will_retry)
+        message = str(exc) or exc.kind
+        log = logger.warning if will_retry else logger.error
+        log(
+            "Job %s: %s",
+            "attempt failed, will retry" if will_retry else status,
+            message,
+            extra={"outcome": status, "error_kind": exc.kind, "duration_ms": _ms(started_s)},
+        )
+
+        job_id = _maybe_uuid(job.id)
+        if job_id is not None:
+            await self._record(job, job_id, status, attempt, message, exc.kind)
+            event = events.job_status_event(
+                job_id,
+                "failed" if status == "queued" else status,
+                attempt=attempt,
+                max_attempts=max_attempts,
+                error=message,
+                error_kind=exc.kind,
+                will_retry=will_retry,
+            )
+            await self._publish(events.job_status_channel(job_id), event)
+
+        if will_retry:
+            return RetryableJobError(message)
+        return UnrecoverableError(message)
+
+    async def _record(
+        self, job: Job, job_id: UUID, status: str, attempt: int, message: str, kind: str
+    ) -> None:
+        data = job.data if isinstance(job.data, dict) else {}
+        raw_input = data.get("input")
+        try:
+            await self._outcomes.record_outcome(
+                job_id=job_id,
+                job_name=str(job.name)[:100],
+                job_input=raw_input if isinstance(raw_input, dict) else {},
+                status=status,
+                attempt=attempt,
+                error_message=message,
+                error_kind=kind,
+            )
+        except WorkerError as exc:
+            logger.warning("Could not record the job's outcome in Postgres: %s", exc)
+
+    async def _publish(self, channel: str, event: dict[str, Any]) -> None:
+        try:
+            await self._publisher.publish(channel, event)
+        except Exception as exc:  # noqa: BLE001 - an event lost must not change the job's outcome
+            logger.warning("Could not publish on %s: %s", channel, type(exc).__name__)
+
+
+def _failure_status(exc: WorkerError, will_retry: bool) -> str:
+    if isinstance(exc, JobCancelled):
+        return "cancelled"
+    if will_retry:
+        return "queued"
+    return "failed"
+
+
+def _job_uuid(job: Job) -> UUID:
+    job_id = _maybe_uuid(job.id)
+    if job_id is None:
+        raise InvalidInput(f"job id {str(job.id)[:80]!r} is not a UUID")
+    data_id = job.data.get("jobId") if isinstance(job.data, dict) else None
+    if data_id is not None and str(data_id) != str(job.id) and _maybe_uuid(data_id) != job_id:
+        raise InvalidInput("data.jobId does not match the BullMQ job id")
+    return job_id
+
+
+def _job_input(data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise InvalidInput("job data must be a JSON object")
+    raw_input = data.get("input")
+    if not isinstance(raw_input, dict):
+        raise InvalidInput("job data.input must be a JSON object")
+    return raw_input
+
+
+def _maybe_uuid(value: Any) -> UUID | None:
+    try:
+        return UUID(str(value))
+    except ValueError:
+        return None
+
+
+def _ms(started_s: float) -> float:
+    return round((monotonic_s() - started_s) * 1000.0, 1)
+

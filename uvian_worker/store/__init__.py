@@ -1,0 +1,1 @@
+"""Postgres: the pool, the repositories the executors use, and the migrations."""

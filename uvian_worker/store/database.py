@@ -1,0 +1,132 @@
+"""The asyncpg pool, made safe for transaction-mode poolers, and the one place
+where asyncpg's errors become the worker's.
+
+Supabase's pooler and pgbouncer in transaction mode hand each transaction to
+whichever server connection is free. Two habits keep every statement valid
+there: the statement cache is off (no named prepared statement outlives its
+transaction), and every statement runs inside an explicit transaction, because
+asyncpg prepares an unnamed statement and executes it in two round trips, which
+a transaction pooler may otherwise send to two different servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+
+from uvian_worker.errors import StoreUnavailable
+
+logger = logging.getLogger(__name__)
+
+# Lost or refused connections, and the server shutting down or failing over:
+# the same job can succeed once Postgres is back.
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+)
+
+
+class _PoolerSafeConnection(asyncpg.Connection):  # type: ignore[misc]
+    """A connection that skips asyncpg's reset query on release.
+
+    The worker sets no session state (no LISTEN, advisory lock, cursor or SET),
+    so the reset would only add a round trip to every acquire.
+    """
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
+Connection = Any  # asyncpg ships no type information
+
+
+class Database:
+    """An asyncpg pool whose every use is a transaction with a bounded wait."""
+
+    def __init__(self, pool: Any, *, acquire_timeout_s: float) -> None:
+        self._pool = pool
+        self._acquire_timeout_s = acquire_timeout_s
+
+    @classmethod
+    async def connect(
+        cls,
+        dsn: str,
+        *,
+        min_size: int = 2,
+        max_size: int = 20,
+        acquire_timeout_s: float = 10.0,
+        command_timeout_s: float = 30.0,
+        connect_timeout_s: float = 5.0,
+    ) -> Database:
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min(min_size, max_size),
+                max_size=max_size,
+                statement_cache_size=0,
+                command_timeout=command_timeout_s,
+                timeout=connect_timeout_s,
+                max_inactive_connection_lifetime=60.0,
+                connection_class=_PoolerSafeConnection,
+            )
+        except _CONNECTION_ERRORS as exc:
+            raise StoreUnavailable(f"cannot connect to Postgres: {describe(exc)}") from None
+        return cls(pool, acquire_timeout_s=acquire_timeout_s)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Connection]:
+        """A pooled connection inside a transaction; connection loss becomes `StoreUnavailable`.
+
+        A connection whose transaction was interrupted (cancelled mid-query,
+        killed by the server) is released by the pool, which terminates it
+        rather than handing it to the next caller.
+        """
+        try:
+            async with (
+                self._pool.acquire(timeout=self._acquire_timeout_s) as conn,
+                conn.transaction(),
+            ):
+                yield conn
+        except _CONNECTION_ERRORS as exc:
+            raise StoreUnavailable(f"Postgres unavailable: {describe(exc)}") from None
+
+    async def check(self) -> None:
+        async with self.transaction() as conn:
+            await conn.fetchval("select 1")
+
+    @property
+    def pool_size(self) -> int:
+        return int(self._pool.get_size())
+
+    @property
+    def pool_idle(self) -> int:
+        return int(self._pool.get_idle_size())
+
+
+def describe(exc: BaseException) -> str:
+    """An error's class and message without anything from the connection string.
+
+    asyncpg's texts name hosts and users at most; the DSN's password never
+    reaches them, but this is where a future leak would be cut.
+    """
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return "timed out"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__

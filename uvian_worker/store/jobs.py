@@ -1,0 +1,52 @@
+"""The `jobs` row outside the happy path: failures, cancellations, retries pending."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+import orjson
+
+from uvian_worker.store.database import Database
+
+# Ends (or, with attempts left, re-queues) a job row. It is created when the
+# API never wrote it, so that every job taken is visible in Postgres; a row
+# that already ended completed or cancelled is never reopened.
+_RECORD_OUTCOME = """
+insert into public.jobs as j
+    (id, job_type, status, input, attempts, error_message, error_kind, finished_at)
+values ($1, $2, $3, $4::jsonb, $5, $6, $7, case when $3 = 'queued' then null else now() end)
+on conflict (id) do update
+    set status = excluded.status, attempts = excluded.attempts,
+        error_message = excluded.error_message, error_kind = excluded.error_kind,
+        finished_at = excluded.finished_at, updated_at = now()
+    where j.status not in ('completed', 'cancelled')
+"""
+
+
+class JobRepository:
+    def __init__(self, database: Database) -> None:
+        self._database = database
+
+    async def record_outcome(
+        self,
+        *,
+        job_id: UUID,
+        job_name: str,
+        job_input: dict[str, Any],
+        status: str,
+        attempt: int,
+        error_message: str | None,
+        error_kind: str | None,
+    ) -> None:
+        async with self._database.transaction() as conn:
+            await conn.execute(
+                _RECORD_OUTCOME,
+                job_id,
+                job_name,
+                orjson.dumps(job_input).decode(),
+                status,
+                attempt,
+                error_message,
+                error_kind,
+            )

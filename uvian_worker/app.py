@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -14,7 +13,12 @@ from uvian_worker.executors.chat import ChatExecutor, ChatOptions
 from uvian_worker.providers import Provider, build_provider, provider_model
 from uvian_worker.providers.deadlines import Deadlines
 from uvian_worker.runtime.connections import check_redis, make_redis
-from uvian_worker.runtime.lifecycle import QueueOptions, QueueSpec, QueueWorkers, wait_for_stop_signal
+from uvian_worker.runtime.lifecycle import (
+    QueueOptions,
+    QueueSpec,
+    QueueWorkers,
+    wait_for_stop_signal,
+)
 from uvian_worker.runtime.runner import JobRunner
 from uvian_worker.settings import Settings, resolve_provider
 from uvian_worker.store.chat import ChatRepository
@@ -25,12 +29,12 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
-class _Connected:
+class Connected:
     database: Database
     redis_version: str
 
 
-async def connect(settings: Settings) -> _Connected:
+async def connect(settings: Settings) -> Connected:
     """Check Redis and Postgres once, each within its timeout, before taking any job."""
     redis_version = await check_redis(
         settings.effective_redis_url, timeout_s=settings.connect_timeout_s
@@ -49,7 +53,7 @@ async def connect(settings: Settings) -> _Connected:
     except StoreUnavailable as exc:
         raise ConfigError(f"DATABASE_URL: {exc}") from None
     logger.info("Connected to Postgres", extra={"pool_max_size": settings.db_pool_max_size})
-    return _Connected(database, redis_version)
+    return Connected(database, redis_version)
 
 
 async def _check_schema(database: Database) -> None:
@@ -62,41 +66,61 @@ async def _check_schema(database: Database) -> None:
         raise ConfigError("DATABASE_URL: the schema is missing; run `uvian-worker migrate` first")
 
 
-async def run_worker(settings: Settings) -> None:
-    connected = await connect(settings)
-    async with AsyncExitStack() as stack:
-        stack.push_async_callback(connected.database.close)
-        events_redis = make_redis(
+class WorkerApp:
+    """Everything one worker process runs, wired together; `run_worker` adds the signals."""
+
+    def __init__(self, settings: Settings, database: Database) -> None:
+        self.settings = settings
+        self.database = database
+        self._stack = AsyncExitStack()
+        self._stack.push_async_callback(database.close)
+        self.events_redis = make_redis(
             settings.effective_redis_url, connect_timeout_s=settings.connect_timeout_s
         )
-        stack.push_async_callback(events_redis.aclose)
-        provider = build_provider(settings)
-        stack.push_async_callback(provider.aclose)
+        self._stack.push_async_callback(self.events_redis.aclose)
+        self.provider = build_provider(settings)
+        self._stack.push_async_callback(self.provider.aclose)
 
-        publisher = RedisPublisher(events_redis)
-        executors = _executors(settings, connected.database, provider, publisher)
-        runner = JobRunner(executors, JobRepository(connected.database), publisher)
-        queues = QueueWorkers(_queue_specs(settings), _queue_options(settings), runner.process)
-        queues.start()
+        publisher = RedisPublisher(self.events_redis)
+        executors = _executors(settings, database, self.provider, publisher)
+        runner = JobRunner(executors, JobRepository(database), publisher)
+        self.queues = QueueWorkers(_queue_specs(settings), _queue_options(settings), runner.process)
+
+    @classmethod
+    async def create(cls, settings: Settings) -> WorkerApp:
+        connected = await connect(settings)
+        return cls(settings, connected.database)
+
+    def start(self) -> None:
+        self.queues.start()
         logger.info(
             "Worker started",
             extra={
-                "queues": list(settings.queue_names),
-                "concurrency": settings.worker_concurrency,
-                "notification_concurrency": settings.notification_concurrency,
-                "provider": resolve_provider(settings).value,
+                "queues": list(self.settings.queue_names),
+                "concurrency": self.settings.worker_concurrency,
+                "notification_concurrency": self.settings.notification_concurrency,
+                "provider": resolve_provider(self.settings).value,
             },
         )
 
-        force = asyncio.Event()
-        signal_name = await wait_for_stop_signal(force.set)
-        logger.info(
-            "Stopping on %s: %d jobs in flight, grace period %g s",
-            signal_name,
-            queues.jobs_in_flight,
-            settings.shutdown_grace_s,
-        )
-        await queues.close(settings.shutdown_grace_s)
+    async def close(self, grace_s: float) -> None:
+        try:
+            await self.queues.close(grace_s)
+        finally:
+            await self._stack.aclose()
+
+
+async def run_worker(settings: Settings) -> None:
+    app = await WorkerApp.create(settings)
+    app.start()
+    signal_name = await wait_for_stop_signal(app.queues.skip_grace)
+    logger.info(
+        "Stopping on %s: %d jobs in flight, grace period %g s",
+        signal_name,
+        app.queues.jobs_in_flight,
+        settings.shutdown_grace_s,
+    )
+    await app.close(settings.shutdown_grace_s)
     logger.info("Worker stopped")
 
 

@@ -166,6 +166,8 @@ def _check_provider(settings: Settings) -> None:
             raise ConfigError("RUNPOD_API_KEY is not set (needed by LLM_PROVIDER=runpod)")
         if not (settings.runpod_endpoint_id or settings.runpod_endpoint_url):
             raise ConfigError("RUNPOD_ENDPOINT_ID is not set (or give RUNPOD_ENDPOINT_URL)")
+        if settings.runpod_api_mode is RunPodApiMode.OPENAI and not settings.llm_model:
+            raise ConfigError("LLM_MODEL is not set (needed by RUNPOD_API_MODE=openai)")
     elif provider is ProviderName.OPENAI:
         if not settings.openai_base_url:
             raise ConfigError("OPENAI_BASE_URL is not set (needed by LLM_PROVIDER=openai)")

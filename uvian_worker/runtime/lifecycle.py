@@ -78,6 +78,7 @@ class QueueWorkers:
         self._workers: list[Worker] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._on_error = _ErrorLog()
+        self._grace_over = asyncio.Event()
 
     def start(self) -> None:
         for queue in self._queues:
@@ -111,11 +112,21 @@ class QueueWorkers:
     def jobs_in_flight(self) -> int:
         return sum(len(worker.jobs) for worker in self._workers)
 
+    def skip_grace(self) -> None:
+        """End the grace period of a shutdown now (a second signal)."""
+        self._grace_over.set()
+
     async def close(self, grace_s: float) -> None:
         """Take no new job, wait up to `grace_s` for jobs in flight, then cancel them."""
-        closing = [asyncio.ensure_future(worker.close()) for worker in self._workers]
-        _done, pending = await asyncio.wait(closing, timeout=grace_s) if closing else (set(), set())
-        if pending:
+        closing: asyncio.Future[Any] = asyncio.gather(
+            *(worker.close() for worker in self._workers)
+        )
+        grace_over: asyncio.Future[Any] = asyncio.ensure_future(self._grace_over.wait())
+        await asyncio.wait(
+            [closing, grace_over], timeout=grace_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        grace_over.cancel()
+        if not closing.done():
             logger.warning(
                 "Grace period of %g s is over; stopping %d jobs in flight, "
                 "they will be retried once their locks lapse",
@@ -123,7 +134,7 @@ class QueueWorkers:
                 self.jobs_in_flight,
             )
             await asyncio.gather(*(worker.close(force=True) for worker in self._workers))
-            await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(closing, return_exceptions=True)
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 

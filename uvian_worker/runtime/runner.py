@@ -126,7 +126,8 @@ class JobRunner:
 
         if will_retry:
             return RetryableJobError(message)
-        return UnrecoverableError(message)
+        unrecoverable: Exception = UnrecoverableError(message)
+        return unrecoverable
 
     async def _record(
         self, job: Job, job_id: UUID, status: str, attempt: int, message: str, kind: str
@@ -189,4 +190,3 @@ def _maybe_uuid(value: Any) -> UUID | None:
 
 def _ms(started_s: float) -> float:
     return round((monotonic_s() - started_s) * 1000.0, 1)
-

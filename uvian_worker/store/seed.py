@@ -45,7 +45,8 @@ async def seed_conversation(
             "insert into public.profiles (id, display_name) values ($1, $2)", profiles
         )
         await conn.execute(
-            "insert into public.conversations (id, title, kind, created_by) values ($1, $2, $3, $4)",
+            "insert into public.conversations (id, title, kind, created_by)"
+            " values ($1, $2, $3, $4)",
             conversation_id,
             title,
             kind,

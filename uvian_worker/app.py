@@ -10,8 +10,9 @@ from uvian_worker.errors import ConfigError, StoreUnavailable
 from uvian_worker.events import RedisPublisher
 from uvian_worker.executors.base import Executor
 from uvian_worker.executors.chat import ChatExecutor, ChatOptions
-from uvian_worker.providers import Provider, build_provider, provider_model
+from uvian_worker.providers.base import Provider
 from uvian_worker.providers.deadlines import Deadlines
+from uvian_worker.providers.factory import build_provider, provider_model
 from uvian_worker.runtime.connections import check_redis, make_redis
 from uvian_worker.runtime.lifecycle import (
     QueueOptions,

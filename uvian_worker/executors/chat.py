@@ -110,7 +110,11 @@ class ChatExecutor:
             history_limit=self._options.history_limit,
         )
         if context.prior_job_status == "completed" and context.prior_output is not None:
+            # Delivered again after a run that saved its reply (a worker that died
+            # before BullMQ heard of it). The reply event is not sent twice; the
+            # status is state, so repeating it is harmless and wakes any waiter.
             logger.info("Job already completed by an earlier run; returning its result")
+            await self._publish_status(job, "completed")
             return context.prior_output
         _check_access(context, chat)
         await self._publish_status(job, "processing")

@@ -63,11 +63,25 @@ def parse_input(model: type[ModelT], raw: Any, *, what: str) -> ModelT:
         raise InvalidInput(f"invalid {what} input: {_first_problem(exc)}") from None
 
 
+# Pydantic's error types in the words of a job's author.
+_PROBLEMS = {
+    "missing": "is required",
+    "uuid_type": "must be a UUID",
+    "uuid_parsing": "must be a UUID",
+    "string_type": "must be a string",
+    "string_too_short": "must not be empty",
+    "string_too_long": "is too long",
+    "string_unicode": "is not valid Unicode text",
+    "string_pattern_mismatch": "has an invalid format",
+    "dict_type": "must be a JSON object",
+}
+
+
 def _first_problem(exc: ValidationError) -> str:
     error = exc.errors()[0]
     where = ".".join(str(part) for part in error["loc"]) or "input"
-    if error["type"] == "missing":
-        return f"{where} is required"
+    if error["type"] in _PROBLEMS:
+        return f"{where} {_PROBLEMS[error['type']]}"
     message = str(error["msg"]).removeprefix("Value error, ")
     return f"{where} {message}" if error["type"] == "value_error" else f"{where}: {message}"
 

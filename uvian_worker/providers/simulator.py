@@ -32,6 +32,7 @@ import logging
 import re
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
@@ -95,6 +96,8 @@ class SimulatorStats:
     closed_early: int = 0  # SSE streams whose client left (or the server stopped)
     runpod_cancelled: int = 0
     last_disconnect_at: float | None = None  # time.monotonic() of the last leave or cancel
+    # The prompts of the most recent chat requests, newest last (for tests to read).
+    prompts: deque[object] = field(default_factory=lambda: deque(maxlen=100))
     _waiters: list[tuple[str, int, asyncio.Future[None]]] = field(
         default_factory=list, init=False, repr=False, compare=False
     )
@@ -341,6 +344,7 @@ class _Simulator:
 
     async def openai_chat(self, request: web.Request) -> web.StreamResponse:
         body = await _read_json(request)
+        self.stats.prompts.append(body.get("messages"))
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         script = _build_script(body.get("messages"), max_tokens, self.config)
         if script.fault in _REFUSALS:
@@ -415,6 +419,7 @@ class _Simulator:
         params = job_input.get("sampling_params")
         max_tokens = params.get("max_tokens") if isinstance(params, dict) else None
         messages = job_input.get("messages")
+        self.stats.prompts.append(messages)
         if messages is None and isinstance(job_input.get("prompt"), str):
             messages = [{"role": "user", "content": job_input["prompt"]}]
         script = _build_script(messages, max_tokens, self.config)

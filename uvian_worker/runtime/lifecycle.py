@@ -118,9 +118,7 @@ class QueueWorkers:
 
     async def close(self, grace_s: float) -> None:
         """Take no new job, wait up to `grace_s` for jobs in flight, then cancel them."""
-        closing: asyncio.Future[Any] = asyncio.gather(
-            *(worker.close() for worker in self._workers)
-        )
+        closing: asyncio.Future[Any] = asyncio.gather(*(worker.close() for worker in self._workers))
         grace_over: asyncio.Future[Any] = asyncio.ensure_future(self._grace_over.wait())
         await asyncio.wait(
             [closing, grace_over], timeout=grace_s, return_when=asyncio.FIRST_COMPLETED

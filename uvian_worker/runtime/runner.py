@@ -146,6 +146,9 @@ class JobRunner:
             )
         except WorkerError as exc:
             logger.warning("Could not record the job's outcome in Postgres: %s", exc)
+        except Exception:
+            # A bug here must not turn a permanent failure into a retried one.
+            logger.exception("Could not record the job's outcome in Postgres")
 
     async def _publish(self, channel: str, event: dict[str, Any]) -> None:
         try:

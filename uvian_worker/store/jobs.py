@@ -15,13 +15,28 @@ from uvian_worker.store.database import Database
 _RECORD_OUTCOME = """
 insert into public.jobs as j
     (id, job_type, status, input, attempts, error_message, error_kind, finished_at)
-values ($1, $2, $3, $4::jsonb, $5, $6, $7, case when $3 = 'queued' then null else now() end)
+values ($1, $2, $4, $3::jsonb, $5, $6, $7, case when $4 = 'queued' then null else now() end)
 on conflict (id) do update
     set status = excluded.status, attempts = excluded.attempts,
         error_message = excluded.error_message, error_kind = excluded.error_kind,
         finished_at = excluded.finished_at, updated_at = now()
     where j.status not in ('completed', 'cancelled')
 """
+
+
+def storable(value: Any) -> Any:
+    """`value` with what Postgres' jsonb refuses taken out: NUL characters and lone surrogates.
+
+    Only the copy of a refused input kept on its failed job row goes through
+    here; valid inputs never contain either.
+    """
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {storable(str(k)): storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [storable(item) for item in value]
+    return value
 
 
 class JobRepository:
@@ -44,7 +59,7 @@ class JobRepository:
                 _RECORD_OUTCOME,
                 job_id,
                 job_name,
-                orjson.dumps(job_input).decode(),
+                orjson.dumps(storable(job_input)).decode(),
                 status,
                 attempt,
                 error_message,

@@ -1,0 +1,172 @@
+"""`uvian-worker run` as a real process: start-up checks, signals, idle pick-up."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support import (
+    ROOT,
+    TEST_DSN,
+    QueueWatcher,
+    WorkerProcess,
+    enqueue,
+    seed_chat_job,
+    settings_for_test,
+    worker_env,
+)
+from uvian_worker.providers.simulator import RunningSimulator
+from uvian_worker.store.database import Database
+
+
+def run_cli(
+    *args: str, env: dict[str, str], timeout_s: float = 30
+) -> subprocess.CompletedProcess[str]:
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "DATABASE_", "LLM_"))
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "uvian_worker", *args],
+        env={**clean, **env},
+        cwd=ROOT / "tests",  # no .env there
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+def test_missing_setting_stops_with_one_line() -> None:
+    done = run_cli("run", env={"LLM_PROVIDER": "simulator", "SIMULATOR_URL": "http://127.0.0.1:9"})
+    assert done.returncode == 2
+    assert done.stderr == "uvian-worker: DATABASE_URL is not set\n"
+
+
+@pytest.fixture(scope="module")
+def redis_with_password() -> Iterator[int]:
+    """A second Redis server, started by the test, that requires a password."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--requirepass",
+            "right-pw",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    ping = ["redis-cli", "-p", str(port), "-a", "right-pw", "--no-auth-warning", "ping"]
+    try:
+        deadline = time.monotonic() + 10
+        while (
+            subprocess.run(ping, capture_output=True, text=True, check=False).stdout.strip()
+            != "PONG"
+        ):
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)  # polling a process we just started; nothing to await
+        yield port
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "redis://:not-the-password@127.0.0.1:{port}/0",
+            "uvian-worker: REDIS_URL: Redis refused the credentials",
+        ),
+        ("rediss://:right-pw@127.0.0.1:{port}/0", "uvian-worker: REDIS_URL: "),
+        ("redis://127.0.0.1:{port}/0", "uvian-worker: REDIS_URL: Redis refused the credentials"),
+    ],
+    ids=["wrong password", "TLS against a plain port", "no password"],
+)
+def test_bad_redis_connection_fails_fast_with_one_line(
+    redis_with_password: int, url: str, expected: str
+) -> None:
+    started = time.monotonic()
+    done = run_cli(
+        "run",
+        env={
+            "DATABASE_URL": TEST_DSN,
+            "REDIS_URL": url.format(port=redis_with_password),
+            "CONNECT_TIMEOUT_S": "2",
+            "LLM_PROVIDER": "simulator",
+            "SIMULATOR_URL": "http://127.0.0.1:9",
+        },
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith(expected), done.stderr
+    assert "Traceback" not in done.stderr
+    assert "not-the-password" not in done.stderr and "right-pw" not in done.stderr
+    assert time.monotonic() - started < 10
+
+
+def test_unreachable_postgres_fails_with_one_line() -> None:
+    done = run_cli(
+        "run",
+        env={
+            "DATABASE_URL": "postgresql://postgres:s3cret@127.0.0.1:1/uvian_test",
+            "REDIS_URL": "redis://127.0.0.1:6379/0",
+            "LLM_PROVIDER": "simulator",
+            "SIMULATOR_URL": "http://127.0.0.1:9",
+        },
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("uvian-worker: DATABASE_URL: ")
+    assert "Traceback" not in done.stderr and "s3cret" not in done.stderr
+
+
+async def test_idle_worker_stops_quickly_and_cleanly_on_sigterm_and_sigint(
+    migrated_dsn: str, simulator: RunningSimulator
+) -> None:
+    settings = settings_for_test(simulator.url)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        worker = WorkerProcess(worker_env(settings))
+        await worker.start()
+        assert "Connected to Redis" in worker.output and "Connected to Postgres" in worker.output
+        started = time.monotonic()
+        code = await worker.stop(signum)
+        assert code == 0, worker.output
+        assert time.monotonic() - started < 1.0
+        assert "Traceback" not in worker.output
+        assert "Worker stopped" in worker.output
+
+
+async def test_job_after_long_idle_is_picked_up_at_once(
+    database: Database, simulator: RunningSimulator
+) -> None:
+    """redis-py 8's default socket timeout would delay this by up to ~20 s."""
+    settings = settings_for_test(simulator.url)
+    worker = WorkerProcess(worker_env(settings))
+    await worker.start()
+    try:
+        await asyncio.sleep(32)  # the idle period is the subject of this test
+        chat = await seed_chat_job(database)
+        async with QueueWatcher.open(settings) as watcher:
+            enqueued_at = time.monotonic()
+            await enqueue(settings, "ai-chat", chat.data, str(chat.job_id))
+            event, _fields = await watcher.finished(str(chat.job_id))
+            elapsed_s = time.monotonic() - enqueued_at
+    finally:
+        assert await worker.stop() == 0
+    assert event == "completed"
+    assert elapsed_s < 0.5, f"picked up and finished after {elapsed_s:.2f} s"

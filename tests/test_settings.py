@@ -1,0 +1,92 @@
+"""Settings: names the platform uses, one clear line for each problem, no secret defaults."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from uvian_worker.errors import ConfigError
+from uvian_worker.settings import (
+    ProviderName,
+    Settings,
+    load_settings,
+    resolve_provider,
+    runpod_endpoint_url,
+)
+
+BASE = {"database_url": "postgresql://u:pw@db.example/postgres", "_env_file": None}
+
+
+def load(**values: Any) -> Settings:
+    return load_settings(**{**BASE, **values})
+
+
+def problem(monkeypatch: pytest.MonkeyPatch, **env: str) -> str:
+    for name in ("DATABASE_URL", "LLM_PROVIDER", "RUNPOD_API_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(_env_file=None)
+    return str(caught.value)
+
+
+def test_missing_database_url_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert problem(monkeypatch, LLM_PROVIDER="simulator") == "DATABASE_URL is not set"
+
+
+def test_malformed_number_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = problem(
+        monkeypatch,
+        DATABASE_URL="postgresql://x@h/db",
+        LLM_PROVIDER="simulator",
+        SIMULATOR_URL="http://127.0.0.1:1",
+        WORKER_CONCURRENCY="lots",
+    )
+    assert message.startswith("WORKER_CONCURRENCY is invalid")
+
+
+def test_malformed_setting_never_echoes_its_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = problem(monkeypatch, DATABASE_URL="mysql://root:hunter2@h/db")
+    assert message == "DATABASE_URL is invalid: must be a postgresql:// connection string"
+    assert "hunter2" not in message
+
+
+def test_no_provider_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = problem(monkeypatch, DATABASE_URL="postgresql://x@h/db")
+    assert message.startswith("LLM_PROVIDER is not set and no provider is configured")
+
+
+def test_simulator_needs_its_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = problem(monkeypatch, DATABASE_URL="postgresql://x@h/db", LLM_PROVIDER="simulator")
+    assert message == "SIMULATOR_URL is not set (needed by LLM_PROVIDER=simulator)"
+
+
+def test_platform_runpod_settings_select_runpod() -> None:
+    settings = load(runpod_api_key="rk_secret", runpod_endpoint_id="abc123")
+    assert resolve_provider(settings) is ProviderName.RUNPOD
+    assert runpod_endpoint_url(settings) == "https://api.runpod.ai/v2/abc123"
+    assert "rk_secret" not in repr(settings)
+    assert "pw" not in repr(settings.database_url)
+
+
+def test_runpod_openai_route_needs_the_model_name() -> None:
+    with pytest.raises(ConfigError, match="LLM_MODEL is not set"):
+        load(runpod_api_key="k", runpod_endpoint_id="abc", runpod_api_mode="openai")
+
+
+def test_redis_url_is_built_from_host_port_and_password() -> None:
+    settings = load(
+        llm_provider="simulator",
+        simulator_url="http://s",
+        redis_host="cache",
+        redis_port=6380,
+        redis_password="p@ss/word",
+    )
+    assert settings.effective_redis_url == "redis://:p%40ss%2Fword@cache:6380/0"
+
+
+def test_unknown_log_level_is_refused() -> None:
+    with pytest.raises(ConfigError, match="LOG_LEVEL is invalid"):
+        load(llm_provider="simulator", simulator_url="http://s", log_level="chatty")

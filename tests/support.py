@@ -53,7 +53,7 @@ def settings_for_test(simulator_url: str, **overrides: Any) -> Settings:
 @asynccontextmanager
 async def running_worker(settings: Settings, grace_s: float = 5.0) -> AsyncIterator[WorkerApp]:
     app = await WorkerApp.create(settings)
-    app.start()
+    await app.start()
     try:
         yield app
     finally:

@@ -10,10 +10,12 @@ from uvian_worker.errors import ConfigError, StoreUnavailable
 from uvian_worker.events import RedisPublisher
 from uvian_worker.executors.base import Executor
 from uvian_worker.executors.chat import ChatExecutor, ChatOptions
+from uvian_worker.executors.reply import ReplyOptions
 from uvian_worker.providers.base import Provider
 from uvian_worker.providers.deadlines import Deadlines
 from uvian_worker.providers.factory import build_provider, provider_model
 from uvian_worker.runtime.connections import check_redis, make_redis
+from uvian_worker.runtime.control import ControlChannel
 from uvian_worker.runtime.lifecycle import (
     QueueOptions,
     QueueSpec,
@@ -21,7 +23,8 @@ from uvian_worker.runtime.lifecycle import (
     wait_for_stop_signal,
 )
 from uvian_worker.runtime.runner import JobRunner
-from uvian_worker.settings import Settings, resolve_provider
+from uvian_worker.runtime.turns import ConversationTurns
+from uvian_worker.settings import ConversationMode, Settings, resolve_provider
 from uvian_worker.store.chat import ChatRepository
 from uvian_worker.store.database import Database
 from uvian_worker.store.jobs import JobRepository
@@ -83,8 +86,16 @@ class WorkerApp:
         self._stack.push_async_callback(self.provider.aclose)
 
         publisher = RedisPublisher(self.events_redis)
-        executors = _executors(settings, database, self.provider, publisher)
-        runner = JobRunner(executors, JobRepository(database), publisher)
+        self.control = ControlChannel(self.events_redis)
+        turns = ConversationTurns(
+            self.events_redis,
+            self.control,
+            ttl_ms=3 * settings.lock_duration_ms,
+            supersede=settings.conversation_mode is ConversationMode.SUPERSEDE,
+            max_wait_s=settings.reply_timeout_s,
+        )
+        executors = _executors(settings, database, self.provider, publisher, turns)
+        runner = JobRunner(executors, JobRepository(database), publisher, self.control)
         self.queues = QueueWorkers(_queue_specs(settings), _queue_options(settings), runner.process)
 
     @classmethod
@@ -92,7 +103,9 @@ class WorkerApp:
         connected = await connect(settings)
         return cls(settings, connected.database)
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        await self.control.start()
+        self._stack.push_async_callback(self.control.close)
         self.queues.start()
         logger.info(
             "Worker started",
@@ -113,7 +126,7 @@ class WorkerApp:
 
 async def run_worker(settings: Settings) -> None:
     app = await WorkerApp.create(settings)
-    app.start()
+    await app.start()
     signal_name = await wait_for_stop_signal(app.queues.skip_grace)
     logger.info(
         "Stopping on %s: %d jobs in flight, grace period %g s",
@@ -126,7 +139,11 @@ async def run_worker(settings: Settings) -> None:
 
 
 def _executors(
-    settings: Settings, database: Database, provider: Provider, publisher: RedisPublisher
+    settings: Settings,
+    database: Database,
+    provider: Provider,
+    publisher: RedisPublisher,
+    turns: ConversationTurns,
 ) -> dict[str, Executor]:
     chat = ChatExecutor(
         ChatRepository(database),
@@ -142,8 +159,14 @@ def _executors(
                 chunk_gap_s=settings.chunk_gap_timeout_s,
                 total_s=settings.reply_timeout_s,
             ),
+            reply=ReplyOptions(
+                delta_window_s=settings.reply_delta_window_ms / 1000.0,
+                delta_max_chars=settings.reply_delta_max_chars,
+                save_interval_s=settings.reply_save_interval_s,
+            ),
         ),
         default_model=provider_model(settings),
+        turns=turns,
     )
     return {chat.job_name: chat}
 

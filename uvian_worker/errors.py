@@ -13,7 +13,8 @@
     │   ├── StreamTruncated         the stream ended without a finish
     │   ├── ProviderFailed          the model server reported a failure of its own
     │   └── StoreUnavailable        Postgres could not be reached or dropped the connection
-    └── JobCancelled                a stop was asked for; ends the job cancelled, no retry
+    ├── JobCancelled                a stop was asked for; ends the job cancelled, no retry
+    └── ReplySuperseded             another run of the same job owns its reply; this run yields
 
 Third-party errors are translated into this tree where they enter the worker:
 the providers for HTTP, the store for asyncpg. The texts of these errors end up
@@ -83,3 +84,9 @@ class StoreUnavailable(TransientError):
 
 class JobCancelled(WorkerError):
     kind = "cancelled"
+
+
+class ReplySuperseded(WorkerError):
+    """Raised inside a chat run whose reply was taken over; never leaves the executor."""
+
+    kind = "superseded"

@@ -6,6 +6,7 @@ Channel names and event shapes are the contract with the Node API (README's
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -15,9 +16,32 @@ import redis.asyncio as redis
 
 from uvian_worker.clock import now_s
 
+logger = logging.getLogger(__name__)
+
+_StreamValue = bytes | bytearray | memoryview | str | int | float
+
+
+# Each in-flight reply's deltas are also kept in a capped Redis Stream, so a
+# client that connects late or reconnects can catch up from a sequence number.
+# Entry ids are `0-{seq}`: `XRANGE reply:{messageId}:deltas 0-{seq} +` reads from
+# a sequence number, `XREAD BLOCK ... 0-{seq}` follows live.
+REPLY_STREAM_MAXLEN = 10_000
+REPLY_STREAM_LIVE_TTL_S = 3_600  # while a reply is generating
+REPLY_STREAM_ENDED_TTL_S = 300  # after its final event
+
 
 class Publisher(Protocol):
     async def publish(self, channel: str, event: Mapping[str, Any]) -> None: ...
+
+    async def publish_delta(
+        self, channel: str, event: Mapping[str, Any], *, stream_key: str, restart: bool
+    ) -> None:
+        """Publish a reply delta and append it to the reply's stream (restarting it if asked)."""
+
+    async def publish_reply_end(
+        self, channel: str, event: Mapping[str, Any], *, stream_key: str, seq: int
+    ) -> None:
+        """Publish a reply's final event and mark its stream ended (it then expires soon)."""
 
 
 def conversation_channel(conversation_id: object) -> str:
@@ -34,6 +58,15 @@ def job_cancel_channel(job_id: object) -> str:
 
 def user_notifications_channel(user_id: object) -> str:
     return f"user:{user_id}:notifications"
+
+
+def reply_stream_key(message_id: object) -> str:
+    return f"reply:{message_id}:deltas"
+
+
+def job_cancelled_key(job_id: object) -> str:
+    """Set by any worker (or by the API) when a stop was asked before a worker held the job."""
+    return f"uvian:job:{job_id}:cancelled"
 
 
 def timestamp() -> str:
@@ -71,3 +104,48 @@ class RedisPublisher:
 
     async def publish(self, channel: str, event: Mapping[str, Any]) -> None:
         await self._client.publish(channel, orjson.dumps(event))
+
+    async def publish_delta(
+        self, channel: str, event: Mapping[str, Any], *, stream_key: str, restart: bool
+    ) -> None:
+        fields: dict[_StreamValue, _StreamValue] = {
+            "seq": event["seq"],
+            "delta": event["delta"],
+            "attempt": event["attempt"],
+        }
+        async with self._client.pipeline(transaction=False) as pipe:
+            if restart:
+                pipe.delete(stream_key)
+            pipe.xadd(stream_key, fields, id=f"0-{event['seq']}", maxlen=REPLY_STREAM_MAXLEN)
+            if restart:
+                pipe.expire(stream_key, REPLY_STREAM_LIVE_TTL_S)
+            pipe.publish(channel, orjson.dumps(event))
+            await self._execute(pipe)
+
+    async def publish_reply_end(
+        self, channel: str, event: Mapping[str, Any], *, stream_key: str, seq: int
+    ) -> None:
+        fields: dict[_StreamValue, _StreamValue] = {
+            "seq": seq,
+            "final": event["status"],
+            "attempt": event["attempt"],
+        }
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.xadd(stream_key, fields, id=f"0-{seq}", maxlen=REPLY_STREAM_MAXLEN)
+            pipe.expire(stream_key, REPLY_STREAM_ENDED_TTL_S)
+            pipe.publish(channel, orjson.dumps(event))
+            await self._execute(pipe)
+
+    @staticmethod
+    async def _execute(pipe: Any) -> None:
+        """Run a pipeline; an entry refused by the stream never stops the publish.
+
+        XADD refuses an id not above the stream's last one, which happens only
+        when an older run of a taken-over job still streams beside the new run.
+        Connection errors still raise.
+        """
+        for result in await pipe.execute(raise_on_error=False):
+            if isinstance(result, redis.ResponseError):
+                logger.debug("Reply stream entry refused: %s", result)
+            elif isinstance(result, Exception):
+                raise result

@@ -31,6 +31,11 @@ class RunPodApiMode(StrEnum):
     OPENAI = "openai"  # the endpoint's OpenAI-compatible route, {endpoint}/openai/v1
 
 
+class ConversationMode(StrEnum):
+    QUEUE = "queue"  # a conversation's next reply waits for the one streaming
+    SUPERSEDE = "supersede"  # a newer job stops the one streaming, then takes its turn
+
+
 class LogFormat(StrEnum):
     AUTO = "auto"  # readable lines on a terminal, JSON lines otherwise
     JSON = "json"
@@ -87,6 +92,10 @@ class Settings(BaseSettings):
     reply_temperature: float = Field(default=0.7, ge=0, le=2)
     history_limit: int = Field(default=20, ge=0, le=500)
     max_message_chars: int = Field(default=16_000, ge=1)
+    conversation_mode: ConversationMode = ConversationMode.QUEUE
+    reply_delta_window_ms: float = Field(default=50.0, ge=0)
+    reply_delta_max_chars: int = Field(default=512, ge=1)
+    reply_save_interval_s: float = Field(default=2.0, gt=0)
     first_token_timeout_s: float = Field(default=120.0, gt=0)
     chunk_gap_timeout_s: float = Field(default=30.0, gt=0)
     reply_timeout_s: float = Field(default=300.0, gt=0)

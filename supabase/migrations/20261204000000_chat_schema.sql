@@ -61,6 +61,9 @@ create table if not exists public.messages (
     job_id uuid unique references public.jobs (id) on delete set null,
     status text not null default 'completed'
         check (status in ('generating', 'completed', 'stopped', 'failed', 'interrupted')),
+    -- The run of the job that owns a reply being generated: when a job is taken
+    -- over, the newest run owns it and writes from an older run are ignored.
+    run_id uuid,
     metadata jsonb not null default '{}'::jsonb,
     created_at timestamptz not null default now(),
     updated_at timestamptz not null default now()

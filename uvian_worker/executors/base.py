@@ -21,6 +21,19 @@ async def _no_progress(_progress: dict[str, Any]) -> None:
     return None
 
 
+class StopSignal:
+    """Set when a job is to stop (a stop asked for on its cancel channel), with the reason."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.reason = "stopped on request"
+
+    def request(self, reason: str) -> None:
+        if not self.event.is_set():
+            self.reason = reason
+            self.event.set()
+
+
 @dataclass(slots=True)
 class JobContext:
     """One attempt of one job, as an executor sees it."""
@@ -31,10 +44,15 @@ class JobContext:
     attempt: int  # 1 for the first attempt
     max_attempts: int
     report_progress: ProgressReporter = _no_progress
-    # Set when the job is to stop (a stop asked for on its cancel channel); the
-    # reason is the text the job's outcome records.
-    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
-    cancel_reason: str = "cancelled"
+    stop: StopSignal = field(default_factory=StopSignal)
+
+    @property
+    def cancelled(self) -> asyncio.Event:
+        return self.stop.event
+
+    @property
+    def cancel_reason(self) -> str:
+        return self.stop.reason
 
     @property
     def is_last_attempt(self) -> bool:

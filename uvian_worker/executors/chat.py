@@ -1,22 +1,47 @@
-"""The `ai-chat` executor: read the conversation, stream the reply, save it, publish it."""
+"""The `ai-chat` executor: read the conversation, stream the reply, save it, publish it.
+
+One run: validate, mark the job processing while reading the conversation (one
+statement), wait for the conversation's turn, stream the reply through a
+`LiveReply` under the provider deadlines, then end the reply in one of its
+final states with its one final event:
+- completed: the reply and the job row are saved in one statement;
+- stopped: a stop was asked for; the job ends cancelled, not retried;
+- failed: a permanent error, or a transient one on the last attempt;
+- kept open (generating): a transient error with attempts left; the next run
+  restarts the text.
+A run cancelled from outside (shutdown past its grace period) writes nothing
+more: its job is retried and the next run takes the reply over.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from uuid import UUID, uuid5
+from uuid import UUID, uuid4, uuid5
 
 from uvian_worker import events
-from uvian_worker.clock import monotonic_s
-from uvian_worker.errors import InvalidInput, NotAuthorized, NotFound
+from uvian_worker.errors import (
+    InvalidInput,
+    JobCancelled,
+    NotAuthorized,
+    NotFound,
+    PermanentError,
+    ReplySuperseded,
+    TransientError,
+    WorkerError,
+)
 from uvian_worker.events import Publisher
 from uvian_worker.executors.base import JobContext
 from uvian_worker.executors.inputs import ChatInput, check_text, parse_input
 from uvian_worker.executors.prompt import build_prompt
-from uvian_worker.providers.base import PromptMessage, Provider, ReplyChunk, ReplyRequest, Usage
+from uvian_worker.executors.reply import LiveReply, ReplyOptions, ReplyStore, ReplyTarget
+from uvian_worker.providers.base import Provider, ReplyRequest, Usage
 from uvian_worker.providers.deadlines import Deadlines, consume_stream
-from uvian_worker.store.records import ASSISTANT_PROFILE_ID, ChatContext, ReplyRecord, SavedReply
+from uvian_worker.store.records import ChatContext, SavedReply
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +53,7 @@ def reply_message_id(job_id: UUID) -> UUID:
     return uuid5(REPLY_ID_NAMESPACE, str(job_id))
 
 
-class ChatStore(Protocol):
+class ChatStore(ReplyStore, Protocol):
     async def begin_chat(
         self,
         *,
@@ -42,15 +67,18 @@ class ChatStore(Protocol):
         history_limit: int,
     ) -> ChatContext: ...
 
-    async def finish_reply(
-        self,
-        reply: ReplyRecord,
-        *,
-        job_status: str,
-        job_output: dict[str, Any] | None,
-        error_message: str | None = None,
-        error_kind: str | None = None,
-    ) -> SavedReply: ...
+    async def get_reply(self, job_id: UUID) -> SavedReply | None: ...
+
+
+class Turns(Protocol):
+    def turn(self, conversation_id: str, job_id: str) -> AbstractAsyncContextManager[None]: ...
+
+
+class NoTurns:
+    """Conversations without a generation slot (tests of one job at a time)."""
+
+    def turn(self, conversation_id: str, job_id: str) -> AbstractAsyncContextManager[None]:
+        return _no_turn()
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,21 +88,7 @@ class ChatOptions:
     reply_max_tokens: int
     temperature: float
     deadlines: Deadlines
-
-
-@dataclass(slots=True)
-class _Reply:
-    """The reply as it streams in."""
-
-    parts: list[str] = field(default_factory=list)
-    finish_reason: str | None = None
-    usage: Usage | None = None
-    model: str | None = None
-    first_token_ms: float | None = None
-
-    @property
-    def text(self) -> str:
-        return "".join(self.parts)
+    reply: ReplyOptions = field(default_factory=ReplyOptions)
 
 
 class ChatExecutor:
@@ -88,12 +102,14 @@ class ChatExecutor:
         options: ChatOptions,
         *,
         default_model: str,
+        turns: Turns | None = None,
     ) -> None:
         self._store = store
         self._provider = provider
         self._publisher = publisher
         self._options = options
         self._default_model = default_model
+        self._turns = turns or NoTurns()
 
     async def run(self, job: JobContext) -> dict[str, Any]:
         chat = parse_input(ChatInput, job.input, what="ai-chat")
@@ -119,82 +135,151 @@ class ChatExecutor:
         _check_access(context, chat)
         await self._publish_status(job, "processing")
 
-        reply = await self._stream_reply(build_prompt(context, chat.message))
-        saved = await self._save(job, chat, reply)
-        if saved.written:
-            await self._publish_reply(job, chat, saved)
-        else:
-            logger.warning("Another run of this job already saved its reply; keeping that one")
-        return _result(saved)
+        prompt = build_prompt(context, chat.message)
+        async with self._turns.turn(str(chat.conversation_id), str(job.job_id)):
+            if job.cancelled.is_set():
+                raise JobCancelled(f"cancelled before it started: {job.cancel_reason}")
+            return await self._reply(job, chat, prompt)
 
-    async def _stream_reply(self, prompt: list[PromptMessage]) -> _Reply:
+    async def _reply(self, job: JobContext, chat: ChatInput, prompt: Any) -> dict[str, Any]:
+        target = ReplyTarget(
+            message_id=reply_message_id(job.job_id),
+            run_id=uuid4(),
+            conversation_id=chat.conversation_id,
+            reply_to_id=chat.message_id,
+            provider=self._provider.name,
+        )
+        reply = LiveReply(job, target, self._store, self._publisher, self._options.reply)
         request = ReplyRequest(
             messages=prompt,
             max_tokens=self._options.reply_max_tokens,
             temperature=self._options.temperature,
         )
-        reply = _Reply()
-        started_s = monotonic_s()
+        try:
+            stream = consume_stream(
+                self._provider.stream_reply(request), self._options.deadlines, reply.take
+            )
+            stopped = await _unless_stopped(stream, job.cancelled)
+        except ReplySuperseded:
+            return await self._result_of_winner(job, reply)
+        except WorkerError as exc:
+            await self._end_unfinished(job, reply, exc)
+            raise
+        finally:
+            await reply.close()
 
-        async def take(chunk: ReplyChunk) -> None:
-            if chunk.text:
-                if reply.first_token_ms is None:
-                    reply.first_token_ms = (monotonic_s() - started_s) * 1000.0
-                reply.parts.append(chunk.text)
-            reply.finish_reason = chunk.finish_reason or reply.finish_reason
-            reply.usage = chunk.usage or reply.usage
-            reply.model = chunk.model or reply.model
+        if stopped:
+            await self._end(job, reply, "stopped")
+            raise JobCancelled(job.cancel_reason)
+        output = self._result(target.message_id, reply)
+        if not await self._end(job, reply, "completed", job_output=output):
+            return await self._result_of_winner(job, reply)
+        await self._publish_status(job, "completed")
+        return output
 
-        await consume_stream(self._provider.stream_reply(request), self._options.deadlines, take)
-        return reply
-
-    async def _save(self, job: JobContext, chat: ChatInput, reply: _Reply) -> SavedReply:
-        message_id = reply_message_id(job.job_id)
-        model = reply.model or self._default_model
-        metadata: dict[str, Any] = {
-            "model": model,
+    async def _end(
+        self,
+        job: JobContext,
+        reply: LiveReply,
+        status: str,
+        *,
+        job_output: dict[str, Any] | None = None,
+        error: WorkerError | None = None,
+    ) -> bool:
+        metadata = {
+            "model": reply.model or self._default_model,
             "provider": self._provider.name,
             "jobId": str(job.job_id),
             "attempt": job.attempt,
             "finishReason": reply.finish_reason,
             "usage": _usage_json(reply.usage),
         }
-        record = ReplyRecord(
-            message_id=message_id,
-            job_id=job.job_id,
-            conversation_id=chat.conversation_id,
-            reply_to_id=chat.message_id,
-            content=reply.text,
-            status="completed",
+        return await reply.end(
+            status,
+            self._attempt_entry(job, reply, status, error),
             metadata=metadata,
+            job_output=job_output,
         )
-        output = _result(SavedReply(True, message_id, reply.text, "completed", metadata))
-        return await self._store.finish_reply(record, job_status="completed", job_output=output)
 
-    async def _publish_reply(self, job: JobContext, chat: ChatInput, saved: SavedReply) -> None:
+    async def _end_unfinished(self, job: JobContext, reply: LiveReply, exc: WorkerError) -> None:
+        """A failed attempt: end the reply as failed, or keep it open for the next attempt."""
+        if not reply.opened:
+            return
+        try:
+            if isinstance(exc, TransientError) and not job.is_last_attempt:
+                await reply.suspend(self._attempt_entry(job, reply, "retried", exc))
+            elif isinstance(exc, PermanentError | TransientError):
+                await self._end(job, reply, "failed", error=exc)
+        except WorkerError as ending:
+            # The reply stays generating; the sweep ends it if no run takes it over.
+            logger.warning("Could not record the failed attempt's reply: %s", ending)
+
+    async def _result_of_winner(self, job: JobContext, reply: LiveReply) -> dict[str, Any]:
+        """Another run owns the reply: return what it saved, publish nothing."""
+        logger.warning("Another run of this job owns its reply; this run stops here")
+        saved = await self._store.get_reply(job.job_id)
+        if saved is None or saved.status != "completed":
+            raise TransientError("another run of this job is still producing its reply")
         usage = saved.metadata.get("usage") or {}
-        event = {
-            "type": "ai_response",
-            "conversationId": str(chat.conversation_id),
+        return {
+            "status": "completed",
             "messageId": str(saved.message_id),
-            "replyToId": str(chat.message_id),
-            "senderId": str(ASSISTANT_PROFILE_ID),
-            "jobId": str(job.job_id),
-            "status": saved.status,
             "content": saved.content,
             "model": saved.metadata.get("model"),
             "tokensUsed": usage.get("totalTokens"),
-            "attempt": job.attempt,
-            "timestamp": events.timestamp(),
         }
-        await self._publisher.publish(events.conversation_channel(chat.conversation_id), event)
-        await self._publish_status(job, "completed")
+
+    def _attempt_entry(
+        self, job: JobContext, reply: LiveReply, status: str, error: WorkerError | None = None
+    ) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "attempt": job.attempt,
+            "status": status,
+            "usage": _usage_json(reply.usage),
+            "firstTokenMs": _ms(reply.first_token_s),
+        }
+        if error is not None:
+            entry["errorKind"] = error.kind
+        return entry
+
+    def _result(self, message_id: UUID, reply: LiveReply) -> dict[str, Any]:
+        return {
+            "status": "completed",
+            "messageId": str(message_id),
+            "content": reply.text,
+            "model": reply.model or self._default_model,
+            "tokensUsed": reply.usage.total_tokens if reply.usage else None,
+        }
 
     async def _publish_status(self, job: JobContext, status: str) -> None:
         event = events.job_status_event(
             job.job_id, status, attempt=job.attempt, max_attempts=job.max_attempts
         )
         await self._publisher.publish(events.job_status_channel(job.job_id), event)
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+    """Run `work` until it ends or `stop` is set; true when it was stopped.
+
+    Stopping cancels the work, which closes the provider's stream (and cancels
+    a RunPod job) from inside its own `finally`.
+    """
+    if stop.is_set():
+        work.close()
+        return True
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([task, stopping], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+    if task.cancelled():
+        return True
+    task.result()  # re-raise the stream's own failure
+    return False
 
 
 def _check_message(message: str, max_chars: int) -> None:
@@ -225,12 +310,10 @@ def _usage_json(usage: Usage | None) -> dict[str, int] | None:
     }
 
 
-def _result(saved: SavedReply) -> dict[str, Any]:
-    usage = saved.metadata.get("usage") or {}
-    return {
-        "status": "completed",
-        "messageId": str(saved.message_id),
-        "content": saved.content,
-        "model": saved.metadata.get("model"),
-        "tokensUsed": usage.get("totalTokens"),
-    }
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 1)
+
+
+@asynccontextmanager
+async def _no_turn() -> AsyncIterator[None]:
+    yield

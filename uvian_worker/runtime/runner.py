@@ -9,7 +9,8 @@ lets the job's attempts and backoff decide whether it runs again.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -24,7 +25,7 @@ from uvian_worker.errors import (
     WorkerError,
 )
 from uvian_worker.events import Publisher
-from uvian_worker.executors.base import Executor, JobContext
+from uvian_worker.executors.base import Executor, JobContext, StopSignal
 from uvian_worker.observability.logs import bind_job
 
 logger = logging.getLogger(__name__)
@@ -48,26 +49,47 @@ class RetryableJobError(Exception):
     """Fails one attempt of a job so BullMQ's attempts and backoff run it again."""
 
 
+class StopRequests(Protocol):
+    def track(self, job_id: str) -> AbstractContextManager[StopSignal]: ...
+
+    async def was_cancelled(self, job_id: str) -> str | None: ...
+
+
+class NoStopRequests:
+    """For runners without a control channel (unit tests)."""
+
+    @contextmanager
+    def track(self, job_id: str) -> Iterator[StopSignal]:
+        yield StopSignal()
+
+    async def was_cancelled(self, job_id: str) -> str | None:
+        return None
+
+
 class JobRunner:
     def __init__(
         self,
         executors: Mapping[str, Executor],
         outcomes: OutcomeStore,
         publisher: Publisher,
+        stops: StopRequests | None = None,
     ) -> None:
         self._executors = dict(executors)
         self._outcomes = outcomes
         self._publisher = publisher
+        self._stops = stops or NoStopRequests()
 
     async def process(self, job: Job, token: str) -> dict[str, Any]:
         attempt = int(job.attemptsMade) + 1
         max_attempts = max(int(job.opts.get("attempts") or 1), 1)
-        with bind_job(job_id=job.id, job_name=job.name, attempt=attempt):
+        with (
+            bind_job(job_id=job.id, job_name=job.name, attempt=attempt),
+            self._stops.track(str(job.id)) as stop,
+        ):
             started_s = monotonic_s()
             logger.info("Job started")
             try:
-                context = self._context(job, attempt, max_attempts)
-                result = await self._executor(job.name).run(context)
+                result = await self._execute(job, self._context(job, attempt, max_attempts, stop))
             except WorkerError as exc:
                 raise await self._fail(job, attempt, max_attempts, exc, started_s) from None
             except Exception as exc:
@@ -79,6 +101,13 @@ class JobRunner:
             )
             return result
 
+    async def _execute(self, job: Job, context: JobContext) -> dict[str, Any]:
+        executor = self._executor(job.name)
+        reason = await self._stops.was_cancelled(str(job.id))
+        if reason is not None:
+            raise JobCancelled(f"cancelled before it started: {reason}")
+        return await executor.run(context)
+
     def _executor(self, name: str) -> Executor:
         executor = self._executors.get(name)
         if executor is None:
@@ -86,13 +115,18 @@ class JobRunner:
             raise InvalidInput(f"unknown job name {name!r} (this worker runs: {known})")
         return executor
 
-    def _context(self, job: Job, attempt: int, max_attempts: int) -> JobContext:
+    def _context(self, job: Job, attempt: int, max_attempts: int, stop: StopSignal) -> JobContext:
+        async def report_progress(progress: dict[str, Any]) -> None:
+            await job.updateProgress(progress)
+
         return JobContext(
             job_id=_job_uuid(job),
             name=job.name,
             input=_job_input(job.data),
             attempt=attempt,
             max_attempts=max_attempts,
+            report_progress=report_progress,
+            stop=stop,
         )
 
     async def _fail(

@@ -56,33 +56,67 @@ from (values (1)) as one (x)
 left join public.conversations c on c.id = $5
 """
 
-# Saves the reply and ends the job row in one statement (so one transaction).
-# A reply that another run of the same job already finished is left as it is:
-# the conflict clause only updates a reply that is still generating, and the
-# job row is only ended by the run whose reply was written.
-_FINISH_REPLY = """
+# Opens the reply at its first token, owned by this run. A reply another run
+# completed (or a user stopped) is never reopened; a failed or interrupted one
+# is, when the job runs again. `metadata` keeps the earlier attempts' entries.
+_START_REPLY = """
+insert into public.messages as m
+    (id, conversation_id, sender_id, content, message_type, reply_to_id, job_id, status,
+     run_id, metadata)
+values ($1, $2, $3, '', 'ai', $4, $5, 'generating', $6, $7::jsonb)
+on conflict (job_id) do update
+    set content = '', status = 'generating', run_id = excluded.run_id,
+        metadata = m.metadata || excluded.metadata, updated_at = now()
+    where m.status in ('generating', 'failed', 'interrupted')
+returning m.id
+"""
+
+# The partial text, saved every few seconds; no row means another run owns the reply now.
+_SAVE_PARTIAL = """
+update public.messages set content = $3, updated_at = now()
+ where job_id = $1 and run_id = $2 and status = 'generating'
+returning id
+"""
+
+# Ends the reply (and, for a completed one, the job row) in one statement. The
+# reply is created here when no token ever opened it (an empty reply), and only
+# the run that owns it may end it. `attempts` gains this attempt's entry.
+_END_REPLY = """
 with reply as (
     insert into public.messages as m
         (id, conversation_id, sender_id, content, message_type, reply_to_id, job_id,
-         status, metadata)
-    values ($1, $2, $3, $4, 'ai', $5, $6, $7, $8::jsonb)
+         status, run_id, metadata)
+    values ($1, $2, $3, $4, 'ai', $5, $6, $7, $8,
+            $9::jsonb || jsonb_build_object('attempts', jsonb_build_array($10::jsonb)))
     on conflict (job_id) do update
-        set content = excluded.content, status = excluded.status,
-            metadata = excluded.metadata, updated_at = now()
-        where m.status = 'generating'
+        set content = excluded.content, status = excluded.status, updated_at = now(),
+            metadata = m.metadata || $9::jsonb || jsonb_build_object(
+                'attempts', coalesce(m.metadata -> 'attempts', '[]'::jsonb) || $10::jsonb)
+        where m.run_id = excluded.run_id and m.status = 'generating'
     returning m.id
 ), job as (
     update public.jobs
-       set status = $9, output = $10::jsonb, error_message = $11, error_kind = $12,
-           finished_at = now(), updated_at = now()
-     where id = $6 and status not in ('completed', 'cancelled')
+       set status = 'completed', output = $11::jsonb, error_message = null,
+           error_kind = null, finished_at = now(), updated_at = now()
+     where id = $6 and $11::jsonb is not null and status not in ('completed', 'cancelled')
        and exists (select 1 from reply)
     returning 1
 )
-select exists (select 1 from reply) as written,
-       e.id, e.content, e.status, e.metadata::text as metadata
-from (values (1)) as one (x)
-left join public.messages e on e.job_id = $6
+select exists (select 1 from reply) as written
+"""
+
+# A transient failure with attempts left: the reply stays open for the next
+# attempt, which restarts its text; only this attempt's entry is recorded.
+_SUSPEND_REPLY = """
+update public.messages
+   set updated_at = now(),
+       metadata = metadata || jsonb_build_object(
+           'attempts', coalesce(metadata -> 'attempts', '[]'::jsonb) || $3::jsonb)
+ where job_id = $1 and run_id = $2 and status = 'generating'
+"""
+
+_GET_REPLY = """
+select id, content, status, metadata::text as metadata from public.messages where job_id = $1
 """
 
 
@@ -107,7 +141,7 @@ class ChatRepository:
                 _BEGIN_CHAT,
                 job_id,
                 job_name,
-                orjson.dumps(job_input).decode(),
+                _json(job_input),
                 attempt,
                 conversation_id,
                 user_id,
@@ -128,18 +162,41 @@ class ChatRepository:
             prior_output=orjson.loads(prior_output) if prior_output else None,
         )
 
-    async def finish_reply(
-        self,
-        reply: ReplyRecord,
-        *,
-        job_status: str,
-        job_output: dict[str, Any] | None,
-        error_message: str | None = None,
-        error_kind: str | None = None,
-    ) -> SavedReply:
+    async def start_reply(self, reply: ReplyRecord) -> bool:
+        """Open the reply for this run; false when another run already finished it."""
         async with self._database.transaction() as conn:
             row = await conn.fetchrow(
-                _FINISH_REPLY,
+                _START_REPLY,
+                reply.message_id,
+                reply.conversation_id,
+                ASSISTANT_PROFILE_ID,
+                reply.reply_to_id,
+                reply.job_id,
+                reply.run_id,
+                _json(reply.metadata),
+            )
+        return row is not None
+
+    async def save_partial(self, job_id: UUID, run_id: UUID, content: str) -> bool:
+        """Save the text so far; false when this run no longer owns the reply."""
+        async with self._database.transaction() as conn:
+            row = await conn.fetchrow(_SAVE_PARTIAL, job_id, run_id, content)
+        return row is not None
+
+    async def end_reply(
+        self,
+        reply: ReplyRecord,
+        attempt_entry: dict[str, Any],
+        *,
+        job_output: dict[str, Any] | None = None,
+    ) -> bool:
+        """End the reply in `reply.status` (and complete the job when `job_output` is given).
+
+        False when this run did not own the reply: another run ended it, untouched.
+        """
+        async with self._database.transaction() as conn:
+            written = await conn.fetchval(
+                _END_REPLY,
                 reply.message_id,
                 reply.conversation_id,
                 ASSISTANT_PROFILE_ID,
@@ -147,18 +204,31 @@ class ChatRepository:
                 reply.reply_to_id,
                 reply.job_id,
                 reply.status,
-                orjson.dumps(reply.metadata).decode(),
-                job_status,
-                orjson.dumps(job_output).decode() if job_output is not None else None,
-                error_message,
-                error_kind,
+                reply.run_id,
+                _json(reply.metadata),
+                _json(attempt_entry),
+                _json(job_output) if job_output is not None else None,
             )
-        if row["written"] or row["id"] is None:
-            return SavedReply(True, reply.message_id, reply.content, reply.status, reply.metadata)
+        return bool(written)
+
+    async def suspend_reply(
+        self, job_id: UUID, run_id: UUID, attempt_entry: dict[str, Any]
+    ) -> None:
+        async with self._database.transaction() as conn:
+            await conn.execute(_SUSPEND_REPLY, job_id, run_id, _json(attempt_entry))
+
+    async def get_reply(self, job_id: UUID) -> SavedReply | None:
+        async with self._database.transaction() as conn:
+            row = await conn.fetchrow(_GET_REPLY, job_id)
+        if row is None:
+            return None
         return SavedReply(
-            written=False,
             message_id=row["id"],
             content=row["content"],
             status=row["status"],
             metadata=orjson.loads(row["metadata"]),
         )
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()

@@ -36,6 +36,7 @@ class ReplyRecord:
 
     message_id: UUID
     job_id: UUID
+    run_id: UUID  # this run of the job; the newest run owns the reply
     conversation_id: UUID
     reply_to_id: UUID
     content: str
@@ -45,13 +46,8 @@ class ReplyRecord:
 
 @dataclass(frozen=True, slots=True)
 class SavedReply:
-    """The outcome of finishing a reply.
+    """A reply as stored."""
 
-    `written` is false when another run of the same job had already finished
-    it; then `content` and `metadata` are that run's, untouched.
-    """
-
-    written: bool
     message_id: UUID
     content: str
     status: str

@@ -1,0 +1,272 @@
+"""A reply while it streams: deltas to clients, the row in Postgres, and its one final event.
+
+The reply row exists from the first token (status `generating`) and its text is
+saved every `save_interval_s`, so a crash loses little. Deltas are coalesced: at
+most one per `delta_window_s`, sooner when `delta_max_chars` is pending, never
+dropped or reordered, and their concatenation is the saved text. The first
+delta of a run carries `restart: true`: a client discards any text it holds for
+that message (an earlier run's) and starts over.
+
+Every run of a chat job has its own `run_id`; the newest run owns the reply.
+When this run's write finds the reply owned by another run, `ReplySuperseded`
+stops it quietly: that other run will publish the final event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+from uuid import UUID
+
+from uvian_worker import events
+from uvian_worker.clock import monotonic_s
+from uvian_worker.errors import ReplySuperseded
+from uvian_worker.events import Publisher
+from uvian_worker.executors.base import JobContext
+from uvian_worker.providers.base import ReplyChunk, Usage
+from uvian_worker.store.records import ASSISTANT_PROFILE_ID, ReplyRecord
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_S = 1.0  # BullMQ progress updates, for Node `QueueEvents` listeners
+
+
+class ReplyStore(Protocol):
+    async def start_reply(self, reply: ReplyRecord) -> bool: ...
+
+    async def save_partial(self, job_id: UUID, run_id: UUID, content: str) -> bool: ...
+
+    async def end_reply(
+        self,
+        reply: ReplyRecord,
+        attempt_entry: dict[str, Any],
+        *,
+        job_output: dict[str, Any] | None = None,
+    ) -> bool: ...
+
+    async def suspend_reply(
+        self, job_id: UUID, run_id: UUID, attempt_entry: dict[str, Any]
+    ) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyOptions:
+    delta_window_s: float = 0.05
+    delta_max_chars: int = 512
+    save_interval_s: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyTarget:
+    """Which reply this is: its ids and where it is published."""
+
+    message_id: UUID
+    run_id: UUID
+    conversation_id: UUID
+    reply_to_id: UUID
+    provider: str
+
+
+class LiveReply:
+    def __init__(
+        self,
+        job: JobContext,
+        target: ReplyTarget,
+        store: ReplyStore,
+        publisher: Publisher,
+        options: ReplyOptions,
+    ) -> None:
+        self._job = job
+        self._target = target
+        self._store = store
+        self._publisher = publisher
+        self._options = options
+        self._channel = events.conversation_channel(target.conversation_id)
+        self._stream_key = events.reply_stream_key(target.message_id)
+
+        self.parts: list[str] = []
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+        self.model: str | None = None
+        self.first_token_s: float | None = None
+
+        self._started_s = monotonic_s()
+        self._opened = False
+        self._seq = 0
+        self._pending: list[str] = []
+        self._pending_chars = 0
+        self._last_delta_s = 0.0
+        self._last_save_s = 0.0
+        self._last_progress_s = 0.0
+        self._flush_lock = asyncio.Lock()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_task: asyncio.Task[None] | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    @property
+    def opened(self) -> bool:
+        return self._opened
+
+    async def take(self, chunk: ReplyChunk) -> None:
+        """Everything a provider's chunk changes: text, finish reason, usage, model."""
+        self.finish_reason = chunk.finish_reason or self.finish_reason
+        self.usage = chunk.usage or self.usage
+        self.model = chunk.model or self.model
+        if not chunk.text:
+            return
+
+        self.parts.append(chunk.text)
+        self._pending.append(chunk.text)
+        self._pending_chars += len(chunk.text)
+        now_s = monotonic_s()
+        if not self._opened:
+            await self._open(now_s)
+            return
+        if (
+            now_s - self._last_delta_s >= self._options.delta_window_s
+            or self._pending_chars >= self._options.delta_max_chars
+        ):
+            await self.flush()
+        else:
+            self._arm_timer(now_s)
+        if now_s - self._last_save_s >= self._options.save_interval_s:
+            await self._save_partial(now_s)
+        if now_s - self._last_progress_s >= PROGRESS_INTERVAL_S:
+            await self._report_progress(now_s)
+
+    async def _open(self, now_s: float) -> None:
+        """The first token: publish it at once, then open the row this run owns."""
+        self.first_token_s = now_s - self._started_s
+        await self.flush()
+        if not await self._store.start_reply(self._record("generating", "")):
+            raise ReplySuperseded("another run of this job already finished its reply")
+        self._opened = True
+        self._last_save_s = now_s
+        await self._report_progress(now_s)
+
+    async def flush(self) -> None:
+        """Publish what is pending as one delta; serialized, so deltas keep their order."""
+        async with self._flush_lock:
+            if not self._pending:
+                return
+            delta = "".join(self._pending)
+            self._pending.clear()
+            self._pending_chars = 0
+            self._seq += 1
+            self._last_delta_s = monotonic_s()
+            event = {
+                "type": "ai_delta",
+                "conversationId": str(self._target.conversation_id),
+                "messageId": str(self._target.message_id),
+                "jobId": str(self._job.job_id),
+                "attempt": self._job.attempt,
+                "seq": self._seq,
+                "delta": delta,
+            }
+            if self._seq == 1:
+                event["restart"] = True
+            await self._publisher.publish_delta(
+                self._channel, event, stream_key=self._stream_key, restart=self._seq == 1
+            )
+
+    def _arm_timer(self, now_s: float) -> None:
+        """Make sure text that arrives inside a window still goes out when it closes."""
+        if self._timer is not None or (self._timer_task and not self._timer_task.done()):
+            return
+        delay_s = max(self._last_delta_s + self._options.delta_window_s - now_s, 0.0)
+        self._timer = asyncio.get_running_loop().call_later(delay_s, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_task = asyncio.ensure_future(self.flush())
+
+    async def _save_partial(self, now_s: float) -> None:
+        self._last_save_s = now_s
+        saved = await self._store.save_partial(self._job.job_id, self._target.run_id, self.text)
+        if not saved:
+            raise ReplySuperseded("another run of this job owns its reply now")
+
+    async def _report_progress(self, now_s: float) -> None:
+        self._last_progress_s = now_s
+        progress = {
+            "messageId": str(self._target.message_id),
+            "seq": self._seq,
+            "chars": sum(len(part) for part in self.parts),
+        }
+        try:
+            await self._job.report_progress(progress)
+        except Exception as exc:  # noqa: BLE001 - progress is advisory; the reply goes on
+            logger.warning("Could not report progress to BullMQ: %s", type(exc).__name__)
+
+    async def end(
+        self,
+        status: str,
+        attempt_entry: dict[str, Any],
+        *,
+        metadata: dict[str, Any],
+        job_output: dict[str, Any] | None = None,
+    ) -> bool:
+        """Flush, save the reply's final state, and publish its one final event.
+
+        Returns false, publishing nothing, when another run owns the reply.
+        """
+        await self.close()
+        await self.flush()
+        record = self._record(status, self.text, metadata)
+        if not await self._store.end_reply(record, attempt_entry, job_output=job_output):
+            return False
+        event = {
+            "type": "ai_response",
+            "conversationId": str(self._target.conversation_id),
+            "messageId": str(self._target.message_id),
+            "replyToId": str(self._target.reply_to_id),
+            "senderId": str(ASSISTANT_PROFILE_ID),
+            "jobId": str(self._job.job_id),
+            "status": status,
+            "content": record.content,
+            "model": metadata.get("model"),
+            "tokensUsed": (attempt_entry.get("usage") or {}).get("totalTokens"),
+            "attempt": self._job.attempt,
+            "timestamp": events.timestamp(),
+        }
+        await self._publisher.publish_reply_end(
+            self._channel, event, stream_key=self._stream_key, seq=self._seq + 1
+        )
+        return True
+
+    async def suspend(self, attempt_entry: dict[str, Any]) -> None:
+        """A transient failure with attempts left: record the attempt, keep the reply open."""
+        await self.close()
+        await self.flush()
+        await self._store.suspend_reply(self._job.job_id, self._target.run_id, attempt_entry)
+
+    async def close(self) -> None:
+        """Stop the delta timer; safe on every exit path, cancellation included."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._timer_task is not None and not self._timer_task.done():
+            await asyncio.wait([self._timer_task])
+
+    def _opening_metadata(self) -> dict[str, Any]:
+        return {"provider": self._target.provider, "jobId": str(self._job.job_id)}
+
+    def _record(
+        self, status: str, content: str, metadata: dict[str, Any] | None = None
+    ) -> ReplyRecord:
+        return ReplyRecord(
+            message_id=self._target.message_id,
+            job_id=self._job.job_id,
+            run_id=self._target.run_id,
+            conversation_id=self._target.conversation_id,
+            reply_to_id=self._target.reply_to_id,
+            content=content,
+            status=status,
+            metadata=metadata
+            or {"provider": self._target.provider, "jobId": str(self._job.job_id)},
+        )

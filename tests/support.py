@@ -183,7 +183,11 @@ async def record_events(*patterns: str) -> AsyncIterator[EventRecorder]:
         async for message in pubsub.listen():
             if message["type"] == "pmessage":
                 channel = message["channel"].decode()
-                await recorder._add(channel, orjson.loads(message["data"]))
+                try:
+                    event = orjson.loads(message["data"])
+                except orjson.JSONDecodeError:
+                    event = {"raw": message["data"].decode(errors="replace")}
+                await recorder._add(channel, event if isinstance(event, dict) else {"raw": event})
 
     task = asyncio.create_task(pump())
     try:

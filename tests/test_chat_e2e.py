@@ -300,3 +300,53 @@ def test_reply_ids_are_stable_per_job() -> None:
     job_id = uuid4()
     assert reply_message_id(job_id) == reply_message_id(job_id)
     assert reply_message_id(job_id) != reply_message_id(uuid4())
+
+
+async def test_long_history_is_trimmed_to_the_token_budget(
+    database: Database, simulator: RunningSimulator
+) -> None:
+    chat = await seed_chat_job(database, "Summarize, please", history=0)
+    async with database.transaction() as conn:
+        for step in range(40):
+            await conn.execute(
+                "insert into public.messages (conversation_id, sender_id, content, created_at)"
+                " values ($1, $2, $3, now() - make_interval(secs => $4))",
+                chat.conversation_id,
+                chat.user_id,
+                f"note {step}: " + "word " * 60,
+                100.0 - step,
+            )
+    # 1,024 context tokens - 64 for the reply - 0 margin: room for about ten notes.
+    state, job, _events = await run_chat(
+        simulator, chat, model_context_tokens=1024, reply_max_tokens=64, context_margin_tokens=0
+    )
+
+    assert state == "completed"
+    prompt: Any = simulator.stats.prompts[-1]
+    history = prompt[1:-1]
+    assert 5 < len(history) < 40
+    assert [m["content"].split(":")[0] for m in history] == [
+        f"note {n}" for n in range(40 - len(history), 40)
+    ]
+    assert prompt[-1]["content"] == "Summarize, please"
+    [reply] = await replies(database, chat)
+    metadata = orjson.loads(reply["metadata"])
+    assert metadata["historyMessages"] == len(history)
+    assert metadata["historyTrimmed"] is True
+
+
+async def test_usage_is_counted_when_the_provider_reports_none(
+    database: Database, simulator: RunningSimulator
+) -> None:
+    chat = await seed_chat_job(database, "Count yourself [[sim:usage=none]] [[sim:tokens=30]]")
+
+    state, job, _events = await run_chat(simulator, chat)
+
+    assert state == "completed"
+    [reply] = await replies(database, chat)
+    usage = orjson.loads(reply["metadata"])["usage"]
+    assert usage["estimated"] is True
+    assert usage["completionTokens"] > 0 and usage["promptTokens"] > 0
+    assert job.returnvalue["tokensUsed"] == usage["totalTokens"]
+    [attempt] = orjson.loads(reply["metadata"])["attempts"]
+    assert attempt == {**attempt, "attempt": 1, "status": "completed", "usage": usage}

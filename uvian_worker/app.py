@@ -10,6 +10,7 @@ from uvian_worker.errors import ConfigError, StoreUnavailable
 from uvian_worker.events import RedisPublisher
 from uvian_worker.executors.base import Executor
 from uvian_worker.executors.chat import ChatExecutor, ChatOptions
+from uvian_worker.executors.context import make_counter, prompt_budget
 from uvian_worker.executors.reply import ReplyOptions
 from uvian_worker.providers.base import Provider
 from uvian_worker.providers.deadlines import Deadlines
@@ -145,6 +146,7 @@ def _executors(
     publisher: RedisPublisher,
     turns: ConversationTurns,
 ) -> dict[str, Executor]:
+    counter = make_counter(settings.tokenizer_path)
     chat = ChatExecutor(
         ChatRepository(database),
         provider,
@@ -158,6 +160,12 @@ def _executors(
                 first_token_s=settings.first_token_timeout_s,
                 chunk_gap_s=settings.chunk_gap_timeout_s,
                 total_s=settings.reply_timeout_s,
+            ),
+            counter=counter,
+            prompt_budget_tokens=prompt_budget(
+                settings.model_context_tokens,
+                settings.reply_max_tokens,
+                settings.effective_context_margin_tokens,
             ),
             reply=ReplyOptions(
                 delta_window_s=settings.reply_delta_window_ms / 1000.0,

@@ -90,7 +90,10 @@ class Settings(BaseSettings):
     # Chat replies
     reply_max_tokens: int = Field(default=1024, ge=1)
     reply_temperature: float = Field(default=0.7, ge=0, le=2)
-    history_limit: int = Field(default=20, ge=0, le=500)
+    history_limit: int = Field(default=100, ge=0, le=1000)  # rows read; the budget trims
+    model_context_tokens: int = Field(default=8192, ge=256)
+    context_margin_tokens: int | None = Field(default=None, ge=0)
+    tokenizer_path: str | None = None
     max_message_chars: int = Field(default=16_000, ge=1)
     conversation_mode: ConversationMode = ConversationMode.QUEUE
     reply_delta_window_ms: float = Field(default=50.0, ge=0)
@@ -138,6 +141,21 @@ class Settings(BaseSettings):
         if self.redis_password is not None:
             auth = ":" + quote(self.redis_password.get_secret_value(), safe="") + "@"
         return f"redis://{auth}{self.redis_host}:{self.redis_port}/0"
+
+    @property
+    def effective_context_margin_tokens(self) -> int:
+        """The margin left unused in the context window.
+
+        Without the served model's tokenizer, counts come from cl100k_base,
+        which undercounts for models with smaller vocabularies; 15% of the
+        context absorbs that. With the model's own tokenizer, a small margin
+        covers the chat template's own tokens.
+        """
+        if self.context_margin_tokens is not None:
+            return self.context_margin_tokens
+        if self.tokenizer_path:
+            return 256
+        return int(self.model_context_tokens * 0.15)
 
     @property
     def queue_names(self) -> tuple[str, str]:

@@ -36,10 +36,11 @@ from uvian_worker.errors import (
 )
 from uvian_worker.events import Publisher
 from uvian_worker.executors.base import JobContext
+from uvian_worker.executors.context import FittedPrompt, TokenCounter, estimate_usage, fit_prompt
 from uvian_worker.executors.inputs import ChatInput, check_text, parse_input
-from uvian_worker.executors.prompt import build_prompt
+from uvian_worker.executors.prompt import system_message
 from uvian_worker.executors.reply import LiveReply, ReplyOptions, ReplyStore, ReplyTarget
-from uvian_worker.providers.base import Provider, ReplyRequest, Usage
+from uvian_worker.providers.base import Provider, ReplyRequest
 from uvian_worker.providers.deadlines import Deadlines, consume_stream
 from uvian_worker.store.records import ChatContext, SavedReply
 
@@ -88,6 +89,8 @@ class ChatOptions:
     reply_max_tokens: int
     temperature: float
     deadlines: Deadlines
+    counter: TokenCounter
+    prompt_budget_tokens: int
     reply: ReplyOptions = field(default_factory=ReplyOptions)
 
 
@@ -135,13 +138,21 @@ class ChatExecutor:
         _check_access(context, chat)
         await self._publish_status(job, "processing")
 
-        prompt = build_prompt(context, chat.message)
+        prompt = fit_prompt(
+            system_message(context.conversation_kind, context.conversation_title),
+            context.history,
+            chat.message,
+            budget_tokens=self._options.prompt_budget_tokens,
+            counter=self._options.counter,
+        )
         async with self._turns.turn(str(chat.conversation_id), str(job.job_id)):
             if job.cancelled.is_set():
                 raise JobCancelled(f"cancelled before it started: {job.cancel_reason}")
             return await self._reply(job, chat, prompt)
 
-    async def _reply(self, job: JobContext, chat: ChatInput, prompt: Any) -> dict[str, Any]:
+    async def _reply(
+        self, job: JobContext, chat: ChatInput, prompt: FittedPrompt
+    ) -> dict[str, Any]:
         target = ReplyTarget(
             message_id=reply_message_id(job.job_id),
             run_id=uuid4(),
@@ -151,7 +162,7 @@ class ChatExecutor:
         )
         reply = LiveReply(job, target, self._store, self._publisher, self._options.reply)
         request = ReplyRequest(
-            messages=prompt,
+            messages=prompt.messages,
             max_tokens=self._options.reply_max_tokens,
             temperature=self._options.temperature,
         )
@@ -163,16 +174,16 @@ class ChatExecutor:
         except ReplySuperseded:
             return await self._result_of_winner(job, reply)
         except WorkerError as exc:
-            await self._end_unfinished(job, reply, exc)
+            await self._end_unfinished(job, reply, prompt, exc)
             raise
         finally:
             await reply.close()
 
         if stopped:
-            await self._end(job, reply, "stopped")
+            await self._end(job, reply, prompt, "stopped")
             raise JobCancelled(job.cancel_reason)
-        output = self._result(target.message_id, reply)
-        if not await self._end(job, reply, "completed", job_output=output):
+        output = self._result(target.message_id, reply, prompt)
+        if not await self._end(job, reply, prompt, "completed", job_output=output):
             return await self._result_of_winner(job, reply)
         await self._publish_status(job, "completed")
         return output
@@ -181,35 +192,36 @@ class ChatExecutor:
         self,
         job: JobContext,
         reply: LiveReply,
+        prompt: FittedPrompt,
         status: str,
         *,
         job_output: dict[str, Any] | None = None,
         error: WorkerError | None = None,
     ) -> bool:
+        entry = self._attempt_entry(job, reply, prompt, status, error)
         metadata = {
             "model": reply.model or self._default_model,
             "provider": self._provider.name,
             "jobId": str(job.job_id),
             "attempt": job.attempt,
             "finishReason": reply.finish_reason,
-            "usage": _usage_json(reply.usage),
+            "usage": entry["usage"],
+            "historyMessages": prompt.history_used,
+            "historyTrimmed": prompt.history_trimmed,
         }
-        return await reply.end(
-            status,
-            self._attempt_entry(job, reply, status, error),
-            metadata=metadata,
-            job_output=job_output,
-        )
+        return await reply.end(status, entry, metadata=metadata, job_output=job_output)
 
-    async def _end_unfinished(self, job: JobContext, reply: LiveReply, exc: WorkerError) -> None:
+    async def _end_unfinished(
+        self, job: JobContext, reply: LiveReply, prompt: FittedPrompt, exc: WorkerError
+    ) -> None:
         """A failed attempt: end the reply as failed, or keep it open for the next attempt."""
         if not reply.opened:
             return
         try:
             if isinstance(exc, TransientError) and not job.is_last_attempt:
-                await reply.suspend(self._attempt_entry(job, reply, "retried", exc))
+                await reply.suspend(self._attempt_entry(job, reply, prompt, "retried", exc))
             elif isinstance(exc, PermanentError | TransientError):
-                await self._end(job, reply, "failed", error=exc)
+                await self._end(job, reply, prompt, "failed", error=exc)
         except WorkerError as ending:
             # The reply stays generating; the sweep ends it if no run takes it over.
             logger.warning("Could not record the failed attempt's reply: %s", ending)
@@ -230,25 +242,43 @@ class ChatExecutor:
         }
 
     def _attempt_entry(
-        self, job: JobContext, reply: LiveReply, status: str, error: WorkerError | None = None
+        self,
+        job: JobContext,
+        reply: LiveReply,
+        prompt: FittedPrompt,
+        status: str,
+        error: WorkerError | None = None,
     ) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "attempt": job.attempt,
             "status": status,
-            "usage": _usage_json(reply.usage),
+            "usage": self._usage_json(reply, prompt),
             "firstTokenMs": _ms(reply.first_token_s),
         }
         if error is not None:
             entry["errorKind"] = error.kind
         return entry
 
-    def _result(self, message_id: UUID, reply: LiveReply) -> dict[str, Any]:
+    def _result(self, message_id: UUID, reply: LiveReply, prompt: FittedPrompt) -> dict[str, Any]:
         return {
             "status": "completed",
             "messageId": str(message_id),
             "content": reply.text,
             "model": reply.model or self._default_model,
-            "tokensUsed": reply.usage.total_tokens if reply.usage else None,
+            "tokensUsed": self._usage_json(reply, prompt)["totalTokens"],
+        }
+
+    def _usage_json(self, reply: LiveReply, prompt: FittedPrompt) -> dict[str, Any]:
+        """The provider's usage when it reported one, else counted here and marked estimated."""
+        usage = reply.usage
+        estimated = usage is None
+        if usage is None:
+            usage = estimate_usage(prompt.prompt_tokens, reply.text, self._options.counter)
+        return {
+            "promptTokens": usage.prompt_tokens,
+            "completionTokens": usage.completion_tokens,
+            "totalTokens": usage.total_tokens,
+            "estimated": estimated,
         }
 
     async def _publish_status(self, job: JobContext, status: str) -> None:
@@ -298,16 +328,6 @@ def _check_access(context: ChatContext, chat: ChatInput) -> None:
         )
     if not context.message_found:
         raise NotFound(f"message {chat.message_id} is not in conversation {chat.conversation_id}")
-
-
-def _usage_json(usage: Usage | None) -> dict[str, int] | None:
-    if usage is None:
-        return None
-    return {
-        "promptTokens": usage.prompt_tokens,
-        "completionTokens": usage.completion_tokens,
-        "totalTokens": usage.total_tokens,
-    }
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -1,9 +1,8 @@
-"""The prompt of a chat reply: a system message, the history oldest first, the new message."""
+"""The system message of a chat reply; executors/context.py fits the rest of the prompt."""
 
 from __future__ import annotations
 
 from uvian_worker.providers.base import PromptMessage
-from uvian_worker.store.records import ChatContext
 
 _KIND_WORDS = {
     "direct": "a one-to-one conversation",
@@ -22,14 +21,3 @@ def system_message(kind: str, title: str) -> PromptMessage:
             "platform. Answer the latest message helpfully and concisely."
         ),
     }
-
-
-def build_prompt(context: ChatContext, new_message: str) -> list[PromptMessage]:
-    messages = [system_message(context.conversation_kind, context.conversation_title)]
-    for past in context.history:
-        if past.from_assistant:
-            messages.append({"role": "assistant", "content": past.content})
-        else:
-            messages.append({"role": "user", "content": past.content})
-    messages.append({"role": "user", "content": new_message})
-    return messages

@@ -166,6 +166,7 @@ class _Script:
     chunk_gap_s: float
     chunk_tokens: int
     fault: str | None
+    reports_usage: bool = True  # `[[sim:usage=none]]` plays a server that reports no usage
 
     def cut_at(self, faults: frozenset[str]) -> int:
         """How many tokens go out before one of `faults` strikes."""
@@ -209,6 +210,7 @@ def _build_script(messages: object, max_tokens: object, config: SimulatorConfig)
         chunk_gap_s=chunk_tokens / tokens_per_s if tokens_per_s > 0 else 0.0,
         chunk_tokens=chunk_tokens,
         fault=fault,
+        reports_usage=directives.get("usage") != "none",
     )
 
 
@@ -272,7 +274,8 @@ class _SseEncoder:
 
     def ending(self, script: _Script, include_usage: bool) -> bytes:
         finish = [{"index": 0, "delta": {}, "finish_reason": script.finish_reason}]
-        usage = self.event(choices=[], usage=script.usage()) if include_usage else b""
+        wanted = include_usage and script.reports_usage
+        usage = self.event(choices=[], usage=script.usage()) if wanted else b""
         return self.event(choices=finish) + usage + _SSE_DONE
 
 
@@ -294,8 +297,10 @@ class _Job:
         self.status = "IN_PROGRESS"
         for tokens in group:
             self.output_tokens += len(tokens)
-            usage = {"input": self.script.prompt_tokens, "output": self.output_tokens}
-            self.items.append({"output": {"choices": [{"tokens": tokens}], "usage": usage}})
+            output: dict[str, Any] = {"choices": [{"tokens": tokens}]}
+            if self.script.reports_usage:
+                output["usage"] = {"input": self.script.prompt_tokens, "output": self.output_tokens}
+            self.items.append({"output": output})
         self.changed.set()
 
     def status_json(self) -> dict[str, Any]:

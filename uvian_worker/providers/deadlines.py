@@ -36,7 +36,7 @@ async def consume_stream(
     started_s = loop.time()
     total_deadline = started_s + deadlines.total_s
     phase = f"no first token within {deadlines.first_token_s:g} s"
-    scope = asyncio.timeout(min(started_s + deadlines.first_token_s, total_deadline))
+    scope = asyncio.timeout_at(min(started_s + deadlines.first_token_s, total_deadline))
     try:
         async with scope, aclosing(stream):  # type: ignore[type-var]
             async for chunk in stream:

@@ -20,6 +20,7 @@ from bullmq import Worker
 
 from uvian_worker.clock import monotonic_s
 from uvian_worker.runtime.connections import make_redis
+from uvian_worker.runtime.retry import backoff_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ class QueueWorkers:
             "maxStalledCount": 2,
             "runRetryDelay": RUN_RETRY_DELAY_MS,
             "autorun": False,
+            "settings": {"backoffStrategy": backoff_strategy},
         }
         if options.worker_name:
             worker_options["name"] = options.worker_name

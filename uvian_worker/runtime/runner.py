@@ -27,6 +27,13 @@ from uvian_worker.errors import (
 from uvian_worker.events import Publisher
 from uvian_worker.executors.base import Executor, JobContext, StopSignal
 from uvian_worker.observability.logs import bind_job
+from uvian_worker.runtime.retry import (
+    BACKOFF_TYPE,
+    RetryableJobError,
+    base_delay_ms,
+    retry_delay_ms,
+    should_retry,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +50,6 @@ class OutcomeStore(Protocol):
         error_message: str | None,
         error_kind: str | None,
     ) -> None: ...
-
-
-class RetryableJobError(Exception):
-    """Fails one attempt of a job so BullMQ's attempts and backoff run it again."""
 
 
 class StopRequests(Protocol):
@@ -133,13 +136,19 @@ class JobRunner:
         self, job: Job, attempt: int, max_attempts: int, exc: WorkerError, started_s: float
     ) -> Exception:
         """Record and publish a failed attempt; returns what tells BullMQ to retry or not."""
-        will_retry = isinstance(exc, TransientError) and attempt < max_attempts
+        will_retry = should_retry(exc, attempt, max_attempts)
         status = _failure_status(exc, will_retry)
+        delay_ms = 0
+        if will_retry:
+            retry_after_s = exc.retry_after_s if isinstance(exc, TransientError) else None
+            delay_ms = retry_delay_ms(
+                attempt, base_delay_ms=base_delay_ms(job.opts), retry_after_s=retry_after_s
+            )
         message = str(exc) or exc.kind
         log = logger.warning if will_retry else logger.error
         log(
             "Job %s: %s",
-            "attempt failed, will retry" if will_retry else status,
+            f"attempt failed, retrying in {delay_ms} ms" if will_retry else status,
             message,
             extra={"outcome": status, "error_kind": exc.kind, "duration_ms": _ms(started_s)},
         )
@@ -156,10 +165,15 @@ class JobRunner:
                 error_kind=exc.kind,
                 will_retry=will_retry,
             )
+            if will_retry:
+                event["retryInMs"] = delay_ms
             await self._publish(events.job_status_channel(job_id), event)
 
         if will_retry:
-            return RetryableJobError(message)
+            # BullMQ asks the worker's backoff strategy for the delay of a job
+            # whose backoff type is ours; the error carries the delay chosen here.
+            job.opts["backoff"] = {"type": BACKOFF_TYPE, "delay": base_delay_ms(job.opts)}
+            return RetryableJobError(message, delay_ms)
         unrecoverable: Exception = UnrecoverableError(message)
         return unrecoverable
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+
+from bullmq import Queue
 
 from uvian_worker.errors import ConfigError, StoreUnavailable
 from uvian_worker.events import RedisPublisher
@@ -24,9 +27,10 @@ from uvian_worker.runtime.lifecycle import (
     wait_for_stop_signal,
 )
 from uvian_worker.runtime.runner import JobRunner
+from uvian_worker.runtime.sweeper import ReplySweeper
 from uvian_worker.runtime.turns import ConversationTurns
 from uvian_worker.settings import ConversationMode, Settings, resolve_provider
-from uvian_worker.store.chat import ChatRepository
+from uvian_worker.store.chat import ChatRepository, SweepRepository
 from uvian_worker.store.database import Database
 from uvian_worker.store.jobs import JobRepository
 
@@ -98,16 +102,33 @@ class WorkerApp:
         executors = _executors(settings, database, self.provider, publisher, turns)
         runner = JobRunner(executors, JobRepository(database), publisher, self.control)
         self.queues = QueueWorkers(_queue_specs(settings), _queue_options(settings), runner.process)
+        self.chat_queue = Queue(
+            settings.chat_queue,
+            {"connection": settings.effective_redis_url, "prefix": settings.queue_prefix},
+        )
+        self._stack.push_async_callback(self.chat_queue.close)
+        self.sweeper = ReplySweeper(
+            SweepRepository(database),
+            self._chat_job_state,
+            publisher,
+            interval_s=settings.sweep_interval_s,
+            stale_after_s=settings.sweep_stale_after_s,
+        )
+        self._background: list[asyncio.Task[None]] = []
 
     @classmethod
     async def create(cls, settings: Settings) -> WorkerApp:
         connected = await connect(settings)
         return cls(settings, connected.database)
 
+    async def _chat_job_state(self, job_id: str) -> str:
+        return str(await self.chat_queue.getJobState(job_id))
+
     async def start(self) -> None:
         await self.control.start()
         self._stack.push_async_callback(self.control.close)
         self.queues.start()
+        self._background.append(asyncio.create_task(self.sweeper.run_forever(), name="sweep"))
         logger.info(
             "Worker started",
             extra={
@@ -122,6 +143,9 @@ class WorkerApp:
         try:
             await self.queues.close(grace_s)
         finally:
+            for task in self._background:
+                task.cancel()
+            await asyncio.gather(*self._background, return_exceptions=True)
             await self._stack.aclose()
 
 

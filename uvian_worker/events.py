@@ -39,9 +39,12 @@ class Publisher(Protocol):
         """Publish a reply delta and append it to the reply's stream (restarting it if asked)."""
 
     async def publish_reply_end(
-        self, channel: str, event: Mapping[str, Any], *, stream_key: str, seq: int
+        self, channel: str, event: Mapping[str, Any], *, stream_key: str, seq: int | None
     ) -> None:
-        """Publish a reply's final event and mark its stream ended (it then expires soon)."""
+        """Publish a reply's final event and mark its stream ended (it then expires soon).
+
+        `seq` None appends after whatever the stream holds (the sweep does not know it).
+        """
 
 
 def conversation_channel(conversation_id: object) -> str:
@@ -123,15 +126,17 @@ class RedisPublisher:
             await self._execute(pipe)
 
     async def publish_reply_end(
-        self, channel: str, event: Mapping[str, Any], *, stream_key: str, seq: int
+        self, channel: str, event: Mapping[str, Any], *, stream_key: str, seq: int | None
     ) -> None:
-        fields: dict[_StreamValue, _StreamValue] = {
-            "seq": seq,
-            "final": event["status"],
-            "attempt": event["attempt"],
-        }
+        fields: dict[_StreamValue, _StreamValue] = {"final": event["status"]}
+        if seq is not None:
+            fields["seq"] = seq
+        if event.get("attempt") is not None:
+            fields["attempt"] = event["attempt"]
         async with self._client.pipeline(transaction=False) as pipe:
-            pipe.xadd(stream_key, fields, id=f"0-{seq}", maxlen=REPLY_STREAM_MAXLEN)
+            # `0-*`: Redis 7 numbers the entry after the stream's last one.
+            entry_id = f"0-{seq}" if seq is not None else "0-*"
+            pipe.xadd(stream_key, fields, id=entry_id, maxlen=REPLY_STREAM_MAXLEN)
             pipe.expire(stream_key, REPLY_STREAM_ENDED_TTL_S)
             pipe.publish(channel, orjson.dumps(event))
             await self._execute(pipe)

@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     lock_duration_ms: int = Field(default=10_000, ge=1_000)
     stalled_interval_ms: int = Field(default=5_000, ge=500)
     shutdown_grace_s: float = Field(default=25.0, ge=0)
+    sweep_interval_s: float = Field(default=30.0, gt=0)
+    sweep_stale_after_s: float = Field(default=60.0, gt=0)
 
     # The LLM provider
     llm_provider: ProviderName | None = None

@@ -14,6 +14,7 @@ from uvian_worker.store.records import (
     HistoryMessage,
     ReplyRecord,
     SavedReply,
+    StaleReply,
 )
 
 # Marks the job row processing (unless it already ended) and reads everything
@@ -113,6 +114,22 @@ update public.messages
        metadata = metadata || jsonb_build_object(
            'attempts', coalesce(metadata -> 'attempts', '[]'::jsonb) || $3::jsonb)
  where job_id = $1 and run_id = $2 and status = 'generating'
+"""
+
+# Replies left generating with no write for a while: candidates for the sweep.
+_STALE_REPLIES = """
+select id, job_id, run_id, conversation_id, reply_to_id, content, updated_at
+  from public.messages
+ where status = 'generating' and updated_at < now() - make_interval(secs => $1)
+ order by updated_at
+ limit $2
+"""
+
+# Ends an abandoned reply, unless a run wrote to it since it was found.
+_INTERRUPT_REPLY = """
+update public.messages set status = 'interrupted', updated_at = now()
+ where id = $1 and status = 'generating' and updated_at = $2
+returning id
 """
 
 _GET_REPLY = """
@@ -228,6 +245,23 @@ class ChatRepository:
             status=row["status"],
             metadata=orjson.loads(row["metadata"]),
         )
+
+
+class SweepRepository:
+    """The reply sweep's view of `messages`."""
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+
+    async def stale_replies(self, stale_after_s: float, limit: int) -> list[StaleReply]:
+        async with self._database.transaction() as conn:
+            rows = await conn.fetch(_STALE_REPLIES, stale_after_s, limit)
+        return [StaleReply(**dict(row)) for row in rows]
+
+    async def interrupt(self, reply: StaleReply) -> bool:
+        async with self._database.transaction() as conn:
+            row = await conn.fetchrow(_INTERRUPT_REPLY, reply.id, reply.updated_at)
+        return row is not None
 
 
 def _json(value: Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -52,3 +53,16 @@ class SavedReply:
     content: str
     status: str
     metadata: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class StaleReply:
+    """A reply still generating with no write for a while."""
+
+    id: UUID
+    job_id: UUID
+    run_id: UUID | None
+    conversation_id: UUID
+    reply_to_id: UUID | None
+    content: str
+    updated_at: datetime

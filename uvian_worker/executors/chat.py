@@ -231,7 +231,7 @@ class ChatExecutor:
         logger.warning("Another run of this job owns its reply; this run stops here")
         saved = await self._store.get_reply(job.job_id)
         if saved is None or saved.status != "completed":
-            raise TransientError("another run of this job is still producing its reply")
+            raise ReplySuperseded("another run of this job is producing its reply")
         usage = saved.metadata.get("usage") or {}
         return {
             "status": "completed",

@@ -21,6 +21,7 @@ from uvian_worker.clock import monotonic_s
 from uvian_worker.errors import (
     InvalidInput,
     JobCancelled,
+    ReplySuperseded,
     TransientError,
     WorkerError,
 )
@@ -93,6 +94,11 @@ class JobRunner:
             logger.info("Job started")
             try:
                 result = await self._execute(job, self._context(job, attempt, max_attempts, stop))
+            except ReplySuperseded as exc:
+                # This run lost its job to a newer run (its lock lapsed), which
+                # records the outcome; BullMQ refuses this run's verdict anyway.
+                logger.warning("Job run superseded: %s", exc, extra={"outcome": "superseded"})
+                raise
             except WorkerError as exc:
                 raise await self._fail(job, attempt, max_attempts, exc, started_s) from None
             except Exception as exc:

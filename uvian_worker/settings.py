@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from uvian_worker.errors import ConfigError
+from uvian_worker.observability.redaction import register_secret, register_url_password
 
 RUNPOD_API_BASE = "https://api.runpod.ai/v2"
 
@@ -175,7 +176,16 @@ def load_settings(*, require_provider: bool = True, **overrides: Any) -> Setting
         raise ConfigError(_first_problem(exc)) from None
     if require_provider:
         _check_provider(settings)
+    _register_secrets(settings)
     return settings
+
+
+def _register_secrets(settings: Settings) -> None:
+    """Every secret the worker holds, so texts leaving it are cut clean of them."""
+    for secret in (settings.runpod_api_key, settings.openai_api_key, settings.redis_password):
+        register_secret(secret.get_secret_value() if secret else None)
+    register_url_password(settings.database_url.get_secret_value())
+    register_url_password(settings.redis_url)
 
 
 def _first_problem(exc: ValidationError) -> str:

@@ -18,6 +18,8 @@ from typing import Any
 
 import orjson
 
+from uvian_worker.observability.redaction import redact
+
 _job_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "uvian_job_context", default=None
 )
@@ -50,6 +52,9 @@ def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        return redact(self._format(record))
+
+    def _format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
@@ -64,6 +69,9 @@ class JsonFormatter(logging.Formatter):
 
 class ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        return redact(self._format(record))
+
+    def _format(self, record: logging.LogRecord) -> str:
         clock = datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
         extras = " ".join(f"{k}={v}" for k, v in _extra_fields(record).items())
         text = f"{clock} {record.levelname:<7} {record.getMessage()}"

@@ -28,6 +28,7 @@ from uvian_worker.errors import (
 from uvian_worker.events import Publisher
 from uvian_worker.executors.base import Executor, JobContext, StopSignal
 from uvian_worker.observability.logs import bind_job
+from uvian_worker.observability.redaction import redact
 from uvian_worker.runtime.retry import (
     BACKOFF_TYPE,
     RetryableJobError,
@@ -104,7 +105,9 @@ class JobRunner:
             except Exception as exc:
                 logger.exception("Job failed with an unexpected error")
                 internal = TransientError(f"internal error: {type(exc).__name__}")
-                raise await self._fail(job, attempt, max_attempts, internal, started_s) from exc
+                # `from None`: BullMQ stores the traceback where dashboards show it, and
+                # a library's text may quote what it should not; the log keeps it all.
+                raise await self._fail(job, attempt, max_attempts, internal, started_s) from None
             logger.info(
                 "Job completed", extra={"outcome": "completed", "duration_ms": _ms(started_s)}
             )
@@ -150,7 +153,7 @@ class JobRunner:
             delay_ms = retry_delay_ms(
                 attempt, base_delay_ms=base_delay_ms(job.opts), retry_after_s=retry_after_s
             )
-        message = str(exc) or exc.kind
+        message = redact(str(exc) or exc.kind)
         log = logger.warning if will_retry else logger.error
         log(
             "Job %s: %s",

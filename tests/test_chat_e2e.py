@@ -160,6 +160,11 @@ BAD_INPUTS: list[tuple[str, Any, str]] = [
         PREFIX + "message contains a forbidden character U+001B",
     ),
     (
+        "extra field with a 70-bit integer",
+        lambda c: _bad(c, message="hi\x00", extra=2**70),
+        PREFIX + "message contains a forbidden character U+0000",
+    ),
+    (
         "lone surrogate",
         lambda c: _bad(c, message="hi \ud800"),
         PREFIX + "message is not valid Unicode text",
@@ -317,7 +322,7 @@ async def test_long_history_is_trimmed_to_the_token_budget(
                 100.0 - step,
             )
     # 1,024 context tokens - 64 for the reply - 0 margin: room for about ten notes.
-    state, job, _events = await run_chat(
+    state, _job, _events = await run_chat(
         simulator, chat, model_context_tokens=1024, reply_max_tokens=64, context_margin_tokens=0
     )
 
@@ -350,3 +355,19 @@ async def test_usage_is_counted_when_the_provider_reports_none(
     assert job.returnvalue["tokensUsed"] == usage["totalTokens"]
     [attempt] = orjson.loads(reply["metadata"])["attempts"]
     assert attempt == {**attempt, "attempt": 1, "status": "completed", "usage": usage}
+
+
+async def test_valid_message_with_odd_extra_fields_still_gets_its_reply(
+    database: Database, simulator: RunningSimulator
+) -> None:
+    chat = await seed_chat_job(database, "Hello")
+    nested: Any = "leaf"
+    for _ in range(300):
+        nested = [nested]
+    data = _bad(chat, hugeNumber=2**70, deep=nested)
+
+    state, job, _events = await run_chat(simulator, chat, data)
+
+    assert state == "completed" and job.attemptsMade == 1
+    row = await job_row(database, chat)
+    assert row["status"] == "completed"

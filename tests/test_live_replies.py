@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import itertools
 import time
 from typing import Any
 
@@ -229,7 +229,7 @@ async def test_two_replies_in_one_conversation_never_stream_at_once(
     ]
     mine = [job for job, _ in timeline if job in (str(first.job_id), str(second.job_id))]
     # One conversation: all of one reply's events, then all of the other's.
-    switches = sum(1 for a, b in zip(mine, mine[1:], strict=False) if a != b)
+    switches = sum(1 for a, b in itertools.pairwise(mine) if a != b)
     assert switches == 1, mine
     # The other conversation was not held up: it streamed while the first pair did.
     other_events = [i for i, (job, _) in enumerate(timeline) if job == str(other.job_id)]

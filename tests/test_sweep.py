@@ -53,7 +53,7 @@ async def status_of(database: Database, record: ReplyRecord) -> str:
 async def test_reply_of_a_vanished_job_is_interrupted_once(
     database: Database, simulator: RunningSimulator
 ) -> None:
-    chat, record = await abandon_reply(database)
+    _chat, record = await abandon_reply(database)
     settings = settings_for_test(simulator.url, sweep_stale_after_s=60)
     app = await WorkerApp.create(settings)
     client = redis.Redis.from_url(TEST_REDIS_URL, decode_responses=True)

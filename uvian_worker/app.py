@@ -14,6 +14,7 @@ from uvian_worker.events import RedisPublisher
 from uvian_worker.executors.base import Executor
 from uvian_worker.executors.chat import ChatExecutor, ChatOptions
 from uvian_worker.executors.context import make_counter, prompt_budget
+from uvian_worker.executors.notification import NotificationExecutor
 from uvian_worker.executors.reply import ReplyOptions
 from uvian_worker.providers.base import Provider
 from uvian_worker.providers.deadlines import Deadlines
@@ -33,6 +34,7 @@ from uvian_worker.settings import ConversationMode, Settings, resolve_provider
 from uvian_worker.store.chat import ChatRepository, SweepRepository
 from uvian_worker.store.database import Database
 from uvian_worker.store.jobs import JobRepository
+from uvian_worker.store.notifications import NotificationRepository
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +202,8 @@ def _executors(
         default_model=provider_model(settings),
         turns=turns,
     )
-    return {chat.job_name: chat}
+    notification = NotificationExecutor(NotificationRepository(database), publisher)
+    return {chat.job_name: chat, notification.job_name: notification}
 
 
 def _queue_specs(settings: Settings) -> list[QueueSpec]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import unicodedata
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -40,16 +40,54 @@ class ChatInput(_Strict):
 
 
 class NotificationInput(_Strict):
-    user_id: UUID = Field(alias="userId")
-    type: str = Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_.-]*$")
-    data: dict[str, Any] = Field(default_factory=dict)
+    """One notification for one recipient. `data` is free-form JSON for the client; the
+    keys the worker acts on are checked, every other key is kept as given."""
 
-    @field_validator("data")
+    class Data(_Strict):
+        model_config = ConfigDict(extra="allow")
+
+        # A preview is a glimpse in a notification list, never the whole message.
+        max_preview_chars: ClassVar[int] = 500
+
+        conversation_id: UUID | None = Field(default=None, alias="conversationId")
+        sender_id: UUID | None = Field(default=None, alias="senderId")
+        message_preview: str | None = Field(default=None, alias="messagePreview")
+
+        @field_validator("message_preview")
+        @classmethod
+        def _preview_text(cls, value: str | None) -> str | None:
+            return None if value is None else check_text(value, max_chars=cls.max_preview_chars)
+
+    # The type names a client-side template and lands in Postgres and in events.
+    max_type_chars: ClassVar[int] = 64
+
+    user_id: UUID = Field(alias="userId")
+    type: str
+    data: Data = Field(default_factory=Data)
+
+    @field_validator("type")
     @classmethod
-    def _small(cls, value: dict[str, Any]) -> dict[str, Any]:
-        for key in ("conversationId", "senderId"):
-            if key in value and value[key] is not None:
-                UUID(str(value[key]))
+    def _identifier(cls, value: str) -> str:
+        # ASCII identifier, all lowercase, starting with a letter: message_notification.
+        if (
+            len(value) <= cls.max_type_chars
+            and value.isascii()
+            and value.isidentifier()
+            and value.islower()
+            and not value.startswith("_")
+        ):
+            return value
+        raise ValueError(
+            "must be a lowercase identifier such as message_notification"
+            f" (a-z, 0-9 and _, at most {cls.max_type_chars} characters)"
+        )
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _object(cls, value: Any) -> Any:
+        # Pydantic turns only ValueError into a validation error, so not TypeError here.
+        if not isinstance(value, dict):
+            raise ValueError("must be a JSON object")  # noqa: TRY004
         return value
 
 

@@ -8,6 +8,7 @@ from uuid import UUID
 import orjson
 
 from uvian_worker.store.database import Database
+from uvian_worker.store.jobs import storable_json
 from uvian_worker.store.records import (
     ASSISTANT_PROFILE_ID,
     ChatContext,
@@ -158,7 +159,7 @@ class ChatRepository:
                 _BEGIN_CHAT,
                 job_id,
                 job_name,
-                _json(job_input),
+                storable_json(job_input),
                 attempt,
                 conversation_id,
                 user_id,

@@ -39,6 +39,15 @@ def storable(value: Any) -> Any:
     return value
 
 
+def storable_json(value: Any) -> str:
+    """`value` as jsonb text; an input too odd to store (huge integers, nesting hundreds
+    deep) is replaced by a note, so the job's failure is still recorded."""
+    try:
+        return orjson.dumps(storable(value)).decode()
+    except (TypeError, orjson.JSONEncodeError, RecursionError):
+        return '{"unstorable": "the input could not be stored as JSON"}'
+
+
 class JobRepository:
     def __init__(self, database: Database) -> None:
         self._database = database
@@ -59,7 +68,7 @@ class JobRepository:
                 _RECORD_OUTCOME,
                 job_id,
                 job_name,
-                orjson.dumps(storable(job_input)).decode(),
+                storable_json(job_input),
                 status,
                 attempt,
                 error_message,

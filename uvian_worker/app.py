@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
@@ -80,7 +81,12 @@ async def _check_schema(database: Database) -> None:
 class WorkerApp:
     """Everything one worker process runs, wired together; `run_worker` adds the signals."""
 
-    def __init__(self, settings: Settings, database: Database) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        database: Database,
+        extra_executors: Mapping[str, Executor] | None = None,
+    ) -> None:
         self.settings = settings
         self.database = database
         self._stack = AsyncExitStack()
@@ -102,6 +108,7 @@ class WorkerApp:
             max_wait_s=settings.reply_timeout_s,
         )
         executors = _executors(settings, database, self.provider, publisher, turns)
+        executors.update(extra_executors or {})
         runner = JobRunner(executors, JobRepository(database), publisher, self.control)
         self.queues = QueueWorkers(_queue_specs(settings), _queue_options(settings), runner.process)
         self.chat_queue = Queue(
@@ -119,9 +126,12 @@ class WorkerApp:
         self._background: list[asyncio.Task[None]] = []
 
     @classmethod
-    async def create(cls, settings: Settings) -> WorkerApp:
+    async def create(
+        cls, settings: Settings, extra_executors: Mapping[str, Executor] | None = None
+    ) -> WorkerApp:
+        """Connect and build; `extra_executors` adds job types (benchmarks use a no-op one)."""
         connected = await connect(settings)
-        return cls(settings, connected.database)
+        return cls(settings, connected.database, extra_executors)
 
     async def _chat_job_state(self, job_id: str) -> str:
         return str(await self.chat_queue.getJobState(job_id))

@@ -12,12 +12,16 @@
     │   ├── ProviderTimeout         a streaming deadline passed (first token, gap, total)
     │   ├── StreamTruncated         the stream ended without a finish
     │   ├── ProviderFailed          the model server reported a failure of its own
-    │   └── StoreUnavailable        Postgres could not be reached or dropped the connection
+    │   ├── StoreUnavailable        Postgres could not be reached or dropped the connection
+    │   ├── RedisUnavailable        Redis could not be reached (conversation slot, stop requests)
+    │   ├── EventsUnavailable       Redis refused an event (publishing is best effort)
+    │   └── InternalError           a bug; retried, since it may depend on timing
     ├── JobCancelled                a stop was asked for; ends the job cancelled, no retry
     └── ReplySuperseded             another run of the same job owns its reply; this run yields
 
 Third-party errors are translated into this tree where they enter the worker:
-the providers for HTTP, the store for asyncpg. The texts of these errors end up
+the providers for HTTP, the store for asyncpg, `runtime.retry.classify` for
+whatever else reaches the runner. The texts of these errors end up
 in job rows, events and BullMQ's failed reason, so they never carry secrets.
 """
 
@@ -80,6 +84,18 @@ class ProviderFailed(TransientError):
 
 class StoreUnavailable(TransientError):
     kind = "store_unavailable"
+
+
+class RedisUnavailable(TransientError):
+    kind = "redis_unavailable"
+
+
+class InternalError(TransientError):
+    kind = "internal"
+
+
+class EventsUnavailable(TransientError):
+    kind = "events_unavailable"
 
 
 class JobCancelled(WorkerError):

@@ -13,8 +13,10 @@ from typing import Any, Protocol
 
 import orjson
 import redis.asyncio as redis
+from redis.exceptions import RedisError
 
 from uvian_worker.clock import now_s
+from uvian_worker.errors import EventsUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +108,10 @@ class RedisPublisher:
         self._client = client
 
     async def publish(self, channel: str, event: Mapping[str, Any]) -> None:
-        await self._client.publish(channel, orjson.dumps(event))
+        try:
+            await self._client.publish(channel, orjson.dumps(event))
+        except (RedisError, OSError) as exc:
+            raise EventsUnavailable(f"cannot publish events: {type(exc).__name__}") from None
 
     async def publish_delta(
         self, channel: str, event: Mapping[str, Any], *, stream_key: str, restart: bool
@@ -147,10 +152,18 @@ class RedisPublisher:
 
         XADD refuses an id not above the stream's last one, which happens only
         when an older run of a taken-over job still streams beside the new run.
-        Connection errors still raise.
+        Connection errors become `EventsUnavailable`.
         """
-        for result in await pipe.execute(raise_on_error=False):
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            raise EventsUnavailable(f"cannot publish events: {type(exc).__name__}") from None
+        RedisPublisher._check(results)
+
+    @staticmethod
+    def _check(results: list[Any]) -> None:
+        for result in results:
             if isinstance(result, redis.ResponseError):
                 logger.debug("Reply stream entry refused: %s", result)
             elif isinstance(result, Exception):
-                raise result
+                raise EventsUnavailable(f"cannot publish events: {type(result).__name__}")

@@ -25,6 +25,7 @@ from uuid import UUID, uuid4, uuid5
 
 from uvian_worker import events
 from uvian_worker.errors import (
+    EventsUnavailable,
     InvalidInput,
     JobCancelled,
     NotAuthorized,
@@ -285,7 +286,10 @@ class ChatExecutor:
         event = events.job_status_event(
             job.job_id, status, attempt=job.attempt, max_attempts=job.max_attempts
         )
-        await self._publisher.publish(events.job_status_channel(job.job_id), event)
+        try:
+            await self._publisher.publish(events.job_status_channel(job.job_id), event)
+        except EventsUnavailable as exc:
+            logger.warning("Could not publish the job's status: %s", exc)
 
 
 async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:

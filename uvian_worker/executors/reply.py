@@ -22,15 +22,18 @@ from uuid import UUID
 
 from uvian_worker import events
 from uvian_worker.clock import monotonic_s
-from uvian_worker.errors import ReplySuperseded
+from uvian_worker.errors import EventsUnavailable, ReplySuperseded
 from uvian_worker.events import Publisher
 from uvian_worker.executors.base import JobContext
+from uvian_worker.observability.logs import LogThrottle
 from uvian_worker.providers.base import ReplyChunk, Usage
 from uvian_worker.store.records import ASSISTANT_PROFILE_ID, ReplyRecord
 
 logger = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 1.0  # BullMQ progress updates, for Node `QueueEvents` listeners
+
+_throttle = LogThrottle()
 
 
 class ReplyStore(Protocol):
@@ -170,9 +173,13 @@ class LiveReply:
             }
             if self._seq == 1:
                 event["restart"] = True
-            await self._publisher.publish_delta(
-                self._channel, event, stream_key=self._stream_key, restart=self._seq == 1
-            )
+            try:
+                await self._publisher.publish_delta(
+                    self._channel, event, stream_key=self._stream_key, restart=self._seq == 1
+                )
+            except EventsUnavailable as exc:
+                # Deltas are best effort: the text is saved, and the final event carries it.
+                self._warn("Could not publish a reply delta: %s", exc)
 
     def _arm_timer(self, now_s: float) -> None:
         """Make sure text that arrives inside a window still goes out when it closes."""
@@ -234,10 +241,18 @@ class LiveReply:
             "attempt": self._job.attempt,
             "timestamp": events.timestamp(),
         }
-        await self._publisher.publish_reply_end(
-            self._channel, event, stream_key=self._stream_key, seq=self._seq + 1
-        )
+        try:
+            await self._publisher.publish_reply_end(
+                self._channel, event, stream_key=self._stream_key, seq=self._seq + 1
+            )
+        except EventsUnavailable as exc:
+            # Saved all the same; clients see it when they load the conversation.
+            self._warn("Could not publish the reply's final event: %s", exc)
         return True
+
+    def _warn(self, message: str, exc: Exception) -> None:
+        if _throttle.allow(message) is not None:
+            logger.warning(message, exc)
 
     async def suspend(self, attempt_entry: dict[str, Any]) -> None:
         """A transient failure with attempts left: record the attempt, keep the reply open."""

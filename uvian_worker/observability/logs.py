@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -35,6 +36,28 @@ def bind_job(**fields: Any) -> Iterator[None]:
         yield
     finally:
         _job_context.reset(token)
+
+
+class LogThrottle:
+    """Lets one line per key through per interval, counting those left out.
+
+    An outage makes every command fail; without this, one line per failure
+    would bury everything else in the log.
+    """
+
+    def __init__(self, interval_s: float = 5.0) -> None:
+        self._interval_s = interval_s
+        self._last_s: dict[str, float] = {}
+        self._left_out: dict[str, int] = {}
+
+    def allow(self, key: str) -> int | None:
+        """None to stay quiet; else how many lines of this key were left out before."""
+        now_s = time.monotonic()
+        if now_s - self._last_s.get(key, -self._interval_s) < self._interval_s:
+            self._left_out[key] = self._left_out.get(key, 0) + 1
+            return None
+        self._last_s[key] = now_s
+        return self._left_out.pop(key, 0)
 
 
 class JobContextFilter(logging.Filter):

@@ -18,7 +18,7 @@ from typing import Any
 
 from bullmq import Worker
 
-from uvian_worker.clock import monotonic_s
+from uvian_worker.observability.logs import LogThrottle
 from uvian_worker.runtime.connections import make_redis
 from uvian_worker.runtime.retry import backoff_strategy
 
@@ -53,20 +53,15 @@ class _ErrorLog:
     """Logs queue errors at most once per interval per error type."""
 
     def __init__(self) -> None:
-        self._last_s: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+        self._throttle = LogThrottle(ERROR_LOG_INTERVAL_S)
 
     def __call__(self, error: BaseException, *_args: Any) -> None:
         kind = type(error).__name__
-        now_s = monotonic_s()
-        if now_s - self._last_s.get(kind, -ERROR_LOG_INTERVAL_S) < ERROR_LOG_INTERVAL_S:
-            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
-            return
-        self._last_s[kind] = now_s
-        left_out = self._suppressed.pop(kind, 0)
-        logger.warning(
-            "Queue error: %s: %s", kind, str(error)[:200], extra={"repeats_left_out": left_out}
-        )
+        left_out = self._throttle.allow(kind)
+        if left_out is not None:
+            logger.warning(
+                "Queue error: %s: %s", kind, str(error)[:200], extra={"repeats_left_out": left_out}
+            )
 
 
 class QueueWorkers:

@@ -16,12 +16,37 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from uvian_worker.errors import TransientError, WorkerError
+from redis.exceptions import BusyLoadingError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from uvian_worker.errors import (
+    InternalError,
+    RedisUnavailable,
+    TransientError,
+    WorkerError,
+)
 
 BACKOFF_TYPE = "uvian"
 DEFAULT_BASE_DELAY_MS = 1_000
 MAX_DELAY_MS = 60_000
 MAX_RETRY_AFTER_MS = 600_000  # a server asking for more than 10 minutes is not taken literally
+
+
+def classify(error: Exception) -> WorkerError:
+    """Any exception out of an executor, as the worker's own error.
+
+    Providers and the store translate their libraries' errors where they meet
+    them; Redis errors can come from several places (the conversation slot,
+    stop requests), so they are translated here. Anything else is a bug, and a
+    bug is retried like a transient error: it may depend on timing, and the
+    job's attempts bound it.
+    """
+    if isinstance(error, WorkerError):
+        return error
+    if isinstance(error, RedisConnectionError | RedisTimeoutError | BusyLoadingError):
+        return RedisUnavailable(f"Redis unavailable: {type(error).__name__}")
+    return InternalError(f"internal error: {type(error).__name__}")
 
 
 def should_retry(error: WorkerError, attempt: int, max_attempts: int) -> bool:

@@ -19,6 +19,7 @@ from bullmq import Job, UnrecoverableError
 from uvian_worker import events
 from uvian_worker.clock import monotonic_s
 from uvian_worker.errors import (
+    InternalError,
     InvalidInput,
     JobCancelled,
     ReplySuperseded,
@@ -33,6 +34,7 @@ from uvian_worker.runtime.retry import (
     BACKOFF_TYPE,
     RetryableJobError,
     base_delay_ms,
+    classify,
     retry_delay_ms,
     should_retry,
 )
@@ -103,11 +105,12 @@ class JobRunner:
             except WorkerError as exc:
                 raise await self._fail(job, attempt, max_attempts, exc, started_s) from None
             except Exception as exc:
-                logger.exception("Job failed with an unexpected error")
-                internal = TransientError(f"internal error: {type(exc).__name__}")
+                error = classify(exc)
+                if isinstance(error, InternalError):
+                    logger.exception("Job failed with an unexpected error")
                 # `from None`: BullMQ stores the traceback where dashboards show it, and
                 # a library's text may quote what it should not; the log keeps it all.
-                raise await self._fail(job, attempt, max_attempts, internal, started_s) from None
+                raise await self._fail(job, attempt, max_attempts, error, started_s) from None
             logger.info(
                 "Job completed", extra={"outcome": "completed", "duration_ms": _ms(started_s)}
             )

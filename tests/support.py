@@ -173,8 +173,8 @@ class EventRecorder:
 
 
 @asynccontextmanager
-async def record_events(*patterns: str) -> AsyncIterator[EventRecorder]:
-    client = redis.Redis.from_url(TEST_REDIS_URL)
+async def record_events(*patterns: str, url: str = TEST_REDIS_URL) -> AsyncIterator[EventRecorder]:
+    client = redis.Redis.from_url(url)
     recorder = EventRecorder(client)
     pubsub = client.pubsub()
     await pubsub.psubscribe(*patterns)  # confirmed by the server before this returns
@@ -296,15 +296,17 @@ class QueueWatcher:
         self._client = client
         self._key = stream_key
         self._last_id = last_id
+        self._finished: dict[str, tuple[str, dict[str, str]]] = {}
 
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, settings: Settings, queue_name: str | None = None
+        cls, settings: Settings, queue_name: str | None = None, *, from_start: bool = False
     ) -> AsyncIterator[QueueWatcher]:
+        """Follow from now on, or with `from_start` from the stream's first event."""
         client = redis.Redis.from_url(settings.effective_redis_url, decode_responses=True)
         key = f"{settings.queue_prefix}:{queue_name or settings.chat_queue}:events"
-        newest = await client.xrevrange(key, count=1)
+        newest = [] if from_start else await client.xrevrange(key, count=1)
         try:
             yield cls(client, key, newest[0][0] if newest else "0-0")
         finally:
@@ -313,13 +315,12 @@ class QueueWatcher:
     async def finished(self, job_id: str) -> tuple[str, dict[str, str]]:
         """The job's `completed` or (final) `failed` event."""
         async with asyncio.timeout(WAIT_S):
-            while True:
+            while job_id not in self._finished:
                 batch = await self._client.xread({self._key: self._last_id}, block=1000)
                 for _key, entries in batch:
                     for entry_id, fields in entries:
                         self._last_id = entry_id
-                        if fields.get("jobId") != job_id:
-                            continue
                         # BullMQ emits `failed` only when no attempt is left.
                         if fields["event"] in ("completed", "failed"):
-                            return fields["event"], fields
+                            self._finished[fields["jobId"]] = (fields["event"], fields)
+        return self._finished[job_id]

@@ -110,7 +110,7 @@ class WorkerApp:
         executors = _executors(settings, database, self.provider, publisher, turns)
         executors.update(extra_executors or {})
         runner = JobRunner(executors, JobRepository(database), publisher, self.control)
-        self.queues = QueueWorkers(_queue_specs(settings), _queue_options(settings), runner.process)
+        self.queues = QueueWorkers(_queue_specs(settings), _queue_options(settings), runner)
         self.chat_queue = Queue(
             settings.chat_queue,
             {"connection": settings.effective_redis_url, "prefix": settings.queue_prefix},

@@ -22,15 +22,23 @@ async def _no_progress(_progress: dict[str, Any]) -> None:
 
 
 class StopSignal:
-    """Set when a job is to stop (a stop asked for on its cancel channel), with the reason."""
+    """Set when a job is to stop, with the reason.
+
+    A stop asked for on the job's cancel channel ends the job cancelled. A quiet
+    stop means this run no longer holds the job (its lock was lost, or a newer
+    run of it started here): the run writes nothing more and leaves the outcome
+    to the run that holds the job.
+    """
 
     def __init__(self) -> None:
         self.event = asyncio.Event()
         self.reason = "stopped on request"
+        self.quiet = False
 
-    def request(self, reason: str) -> None:
+    def request(self, reason: str, *, quiet: bool = False) -> None:
         if not self.event.is_set():
             self.reason = reason
+            self.quiet = quiet
             self.event.set()
 
 

@@ -180,6 +180,8 @@ class ChatExecutor:
         finally:
             await reply.close()
 
+        if stopped and job.stop.quiet:
+            raise ReplySuperseded(job.cancel_reason)
         if stopped:
             await self._end(job, reply, prompt, "stopped")
             raise JobCancelled(job.cancel_reason)

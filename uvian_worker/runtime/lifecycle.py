@@ -14,7 +14,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from bullmq import Worker
 
@@ -31,6 +31,16 @@ ERROR_LOG_INTERVAL_S = 5.0
 RUN_RETRY_DELAY_MS = 1_000
 
 Processor = Callable[[Any, str], Awaitable[dict[str, Any]]]
+
+
+class Runs(Protocol):
+    """What the queue workers need to know of the runs in flight (the job runner)."""
+
+    async def process(self, job: Any, token: str) -> dict[str, Any]: ...
+
+    def is_running(self, job_id: str, token: str) -> bool: ...
+
+    def lock_lost(self, job_ids: list[str]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +77,10 @@ class _ErrorLog:
 class QueueWorkers:
     """One `bullmq.Worker` per queue, each with its own Redis client and concurrency."""
 
-    def __init__(self, queues: list[QueueSpec], options: QueueOptions, processor: Processor):
+    def __init__(self, queues: list[QueueSpec], options: QueueOptions, runs: Runs):
         self._queues = queues
         self._options = options
-        self._processor = processor
+        self._runs = runs
         self._workers: list[Worker] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._on_error = _ErrorLog()
@@ -78,8 +88,10 @@ class QueueWorkers:
 
     def start(self) -> None:
         for queue in self._queues:
-            worker = Worker(queue.name, self._processor, self._worker_options(queue))
+            worker = Worker(queue.name, self._runs.process, self._worker_options(queue))
             worker.on("error", self._on_error)
+            worker.on("lockRenewalFailed", self._runs.lock_lost)
+            _untrack_only_finished_runs(worker, self._runs)
             self._workers.append(worker)
             self._tasks.append(asyncio.create_task(worker.run(), name=f"queue:{queue.name}"))
 
@@ -131,6 +143,24 @@ class QueueWorkers:
             await asyncio.gather(*(worker.close(force=True) for worker in self._workers))
         await asyncio.gather(closing, return_exceptions=True)
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _untrack_only_finished_runs(worker: Worker, runs: Runs) -> None:
+    """Make BullMQ stop renewing a job's lock only when no run of it is in flight here.
+
+    The package keys lock renewal by job id alone: when an older run of a job
+    ends after BullMQ handed the job to a newer run in this same process, it
+    would stop renewing the newer run's lock, and the job would stall again.
+    """
+    locks = worker.lockManager
+    untrack = locks.untrack_job
+
+    def untrack_finished(job_id: str) -> None:
+        tracked = locks.tracked_jobs.get(job_id)
+        if tracked is None or not runs.is_running(job_id, tracked["token"]):
+            untrack(job_id)
+
+    locks.untrack_job = untrack_finished
 
 
 async def wait_for_stop_signal(on_second_signal: Callable[[], None]) -> str:

@@ -85,6 +85,10 @@ class JobRunner:
         self._outcomes = outcomes
         self._publisher = publisher
         self._stops = stops or NoStopRequests()
+        # Runs in flight in this process: job id -> BullMQ token -> its stop signal.
+        # Two runs of one job meet here when its lock lapsed (an outage, a blocked
+        # loop) and BullMQ handed it out again while the first still streamed.
+        self._runs: dict[str, dict[str, StopSignal]] = {}
 
     async def process(self, job: Job, token: str) -> dict[str, Any]:
         attempt = int(job.attemptsMade) + 1
@@ -92,6 +96,7 @@ class JobRunner:
         with (
             bind_job(job_id=job.id, job_name=job.name, attempt=attempt),
             self._stops.track(str(job.id)) as stop,
+            self._running(str(job.id), token, stop),
         ):
             started_s = monotonic_s()
             logger.info("Job started")
@@ -115,6 +120,28 @@ class JobRunner:
                 "Job completed", extra={"outcome": "completed", "duration_ms": _ms(started_s)}
             )
             return result
+
+    @contextmanager
+    def _running(self, job_id: str, token: str, stop: StopSignal) -> Iterator[None]:
+        runs = self._runs.setdefault(job_id, {})
+        for older in runs.values():
+            older.request("a newer run of this job started", quiet=True)
+        runs[token] = stop
+        try:
+            yield
+        finally:
+            del runs[token]
+            if not runs:
+                del self._runs[job_id]
+
+    def is_running(self, job_id: str, token: str) -> bool:
+        return token in self._runs.get(job_id, {})
+
+    def lock_lost(self, job_ids: list[str]) -> None:
+        """BullMQ could not renew these jobs' locks: another worker may hold them now."""
+        for job_id in job_ids:
+            for stop in self._runs.get(str(job_id), {}).values():
+                stop.request("the job's lock was lost", quiet=True)
 
     async def _execute(self, job: Job, context: JobContext) -> dict[str, Any]:
         executor = self._executor(job.name)

@@ -170,3 +170,38 @@ async def test_job_after_long_idle_is_picked_up_at_once(
         assert await worker.stop() == 0
     assert event == "completed"
     assert elapsed_s < 0.5, f"picked up and finished after {elapsed_s:.2f} s"
+
+
+async def test_running_worker_serves_metrics_and_answers_health(
+    database: Database, simulator: RunningSimulator
+) -> None:
+    import aiohttp
+
+    from tests.faults import free_port
+
+    settings = settings_for_test(simulator.url)
+    port = free_port()
+    worker = WorkerProcess(worker_env(settings) | {"METRICS_PORT": str(port)})
+    await worker.start()
+    health_env = {"DATABASE_URL": TEST_DSN, "QUEUE_PREFIX": settings.queue_prefix}
+    try:
+        chat = await seed_chat_job(database, "Count me")
+        async with QueueWatcher.open(settings) as watcher:
+            await enqueue(settings, "ai-chat", chat.data, str(chat.job_id))
+            assert (await watcher.finished(str(chat.job_id)))[0] == "completed"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                metrics = await response.text()
+            async with session.get(f"http://127.0.0.1:{port}/health") as response:
+                health_status = response.status
+        alive = await asyncio.to_thread(run_cli, "health", env=health_env)
+    finally:
+        assert await worker.stop() == 0
+    gone = await asyncio.to_thread(run_cli, "health", env=health_env)
+
+    assert 'uvian_worker_jobs_finished_total{job_name="ai-chat",outcome="completed"} 1.0' in metrics
+    assert "uvian_worker_first_token_seconds_count 1.0" in metrics
+    assert "uvian_worker_queue_jobs" in metrics or "uvian_worker_queue" in metrics
+    assert health_status == 200
+    assert alive.returncode == 0, alive.stderr
+    assert gone.returncode == 1, gone.stdout

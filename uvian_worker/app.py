@@ -17,6 +17,12 @@ from uvian_worker.executors.chat import ChatExecutor, ChatOptions
 from uvian_worker.executors.context import make_counter, prompt_budget
 from uvian_worker.executors.notification import NotificationExecutor
 from uvian_worker.executors.reply import ReplyOptions
+from uvian_worker.observability.health import HealthCheck, Heartbeat, default_worker_id
+from uvian_worker.observability.metrics import (
+    WorkerMetrics,
+    poll_queue_counts,
+    start_metrics_server,
+)
 from uvian_worker.providers.base import Provider
 from uvian_worker.providers.deadlines import Deadlines
 from uvian_worker.providers.factory import build_provider, provider_model
@@ -107,9 +113,14 @@ class WorkerApp:
             supersede=settings.conversation_mode is ConversationMode.SUPERSEDE,
             max_wait_s=settings.reply_timeout_s,
         )
-        executors = _executors(settings, database, self.provider, publisher, turns)
+        self.metrics = WorkerMetrics(
+            job_names=["ai-chat", "notification", *(extra_executors or {}).keys()]
+        )
+        executors = _executors(settings, database, self.provider, publisher, turns, self.metrics)
         executors.update(extra_executors or {})
-        runner = JobRunner(executors, JobRepository(database), publisher, self.control)
+        runner = JobRunner(
+            executors, JobRepository(database), publisher, self.control, metrics=self.metrics
+        )
         self.queues = QueueWorkers(_queue_specs(settings), _queue_options(settings), runner)
         self.chat_queue = Queue(
             settings.chat_queue,
@@ -124,6 +135,16 @@ class WorkerApp:
             stale_after_s=settings.sweep_stale_after_s,
         )
         self._background: list[asyncio.Task[None]] = []
+        self.worker_id = default_worker_id(settings.worker_name)
+        self._taking_jobs = False
+        self.heartbeat = Heartbeat(
+            self.events_redis,
+            prefix=settings.queue_prefix,
+            worker_id=self.worker_id,
+            queues=settings.queue_names,
+            jobs_in_flight=lambda: self.queues.jobs_in_flight,
+            taking_jobs=lambda: self._taking_jobs,
+        )
 
     @classmethod
     async def create(
@@ -140,7 +161,19 @@ class WorkerApp:
         await self.control.start()
         self._stack.push_async_callback(self.control.close)
         self.queues.start()
+        self._taking_jobs = True
+        await self.heartbeat.start()
         self._background.append(asyncio.create_task(self.sweeper.run_forever(), name="sweep"))
+        counts = poll_queue_counts(
+            self.metrics, self.events_redis, self.settings.queue_prefix, self.settings.queue_names
+        )
+        self._background.append(asyncio.create_task(counts, name="queue-counts"))
+        if self.settings.metrics_port is not None:
+            server = await start_metrics_server(
+                self.metrics, "0.0.0.0", self.settings.metrics_port, HealthCheck(self.heartbeat)
+            )
+            self._stack.push_async_callback(server.stop)
+            logger.info("Metrics and health served", extra={"url": server.url})
         logger.info(
             "Worker started",
             extra={
@@ -152,12 +185,15 @@ class WorkerApp:
         )
 
     async def close(self, grace_s: float) -> None:
+        self._taking_jobs = False
         try:
+            await self.heartbeat.beat()
             await self.queues.close(grace_s)
         finally:
             for task in self._background:
                 task.cancel()
             await asyncio.gather(*self._background, return_exceptions=True)
+            await self.heartbeat.stop()
             await self._stack.aclose()
 
 
@@ -181,6 +217,7 @@ def _executors(
     provider: Provider,
     publisher: RedisPublisher,
     turns: ConversationTurns,
+    metrics: WorkerMetrics,
 ) -> dict[str, Executor]:
     counter = make_counter(settings.tokenizer_path)
     chat = ChatExecutor(
@@ -211,6 +248,7 @@ def _executors(
         ),
         default_model=provider_model(settings),
         turns=turns,
+        metrics=metrics,
     )
     notification = NotificationExecutor(NotificationRepository(database), publisher)
     return {chat.job_name: chat, notification.job_name: notification}

@@ -1,4 +1,5 @@
-"""`uvian-worker`: run the worker, apply migrations, serve the simulator, run the demo.
+"""`uvian-worker`: run the worker, apply migrations, serve the simulator, run the demo,
+and the operators' commands (stats, retry-failed, enqueue, health).
 
 Every command reads its settings the same way (environment, then `.env`). A
 setting that is missing or wrong ends the command with one line on stderr and
@@ -71,6 +72,46 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run a few chat jobs end to end on local services")
     demo.set_defaults(command=_cmd_demo)
+
+    stats = commands.add_parser(
+        "stats", help="each queue's counts, its recent failed jobs and the live workers"
+    )
+    stats.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    stats.add_argument(
+        "--failed", type=int, default=5, metavar="N", help="recent failed jobs per queue (5)"
+    )
+    stats.set_defaults(command=_cmd_stats)
+
+    retry = commands.add_parser(
+        "retry-failed", help="move failed jobs back to waiting, with their attempts reset"
+    )
+    retry.add_argument("--queue", help="one queue (default: each queue the worker consumes)")
+    retry.add_argument("--limit", type=int, default=1000, help="at most this many per queue")
+    retry.set_defaults(command=_cmd_retry_failed)
+
+    enqueue = commands.add_parser(
+        "enqueue", help="add a job as the API does: its `queued` row, then the BullMQ job"
+    )
+    kinds = enqueue.add_subparsers(dest="kind", required=True, metavar="KIND")
+    chat = kinds.add_parser("chat", help="an ai-chat job")
+    chat.add_argument("--conversation-id", required=True)
+    chat.add_argument("--user-id", required=True)
+    chat.add_argument("--message-id", required=True, help="the user's message, already saved")
+    chat.add_argument("--message", required=True)
+    notification = kinds.add_parser("notification", help="a notification job")
+    notification.add_argument("--user-id", required=True, help="the recipient")
+    notification.add_argument("--type", dest="notification_type", required=True)
+    notification.add_argument("--data", default="{}", help="a JSON object")
+    enqueue.set_defaults(command=_cmd_enqueue)
+
+    health = commands.add_parser(
+        "health", help="exit 0 when a live worker is taking jobs (for container health checks)"
+    )
+    health.add_argument("--worker-id", help="only the worker with this id")
+    health.add_argument(
+        "--this-host", action="store_true", help="only workers on this host (a container's own)"
+    )
+    health.set_defaults(command=_cmd_health)
     return parser
 
 
@@ -121,3 +162,44 @@ async def _cmd_demo(_args: argparse.Namespace) -> int:
     from uvian_worker.demo import run_demo
 
     return await run_demo()
+
+
+async def _cmd_stats(args: argparse.Namespace) -> int:
+    settings = load_settings(require_provider=False)
+    configure_logging(settings.log_level, settings.log_format.value)
+    from uvian_worker import ops
+
+    return await ops.stats(settings, args.json, args.failed)
+
+
+async def _cmd_retry_failed(args: argparse.Namespace) -> int:
+    settings = load_settings(require_provider=False)
+    configure_logging(settings.log_level, settings.log_format.value)
+    from uvian_worker import ops
+
+    return await ops.retry_failed(settings, args.queue, args.limit)
+
+
+async def _cmd_enqueue(args: argparse.Namespace) -> int:
+    settings = load_settings(require_provider=False)
+    configure_logging(settings.log_level, settings.log_format.value)
+    from uvian_worker import ops
+
+    return await ops.enqueue(
+        settings,
+        args.kind,
+        user_id=args.user_id,
+        conversation_id=getattr(args, "conversation_id", None),
+        message_id=getattr(args, "message_id", None),
+        message=getattr(args, "message", None),
+        notification_type=getattr(args, "notification_type", None),
+        data=getattr(args, "data", None),
+    )
+
+
+async def _cmd_health(args: argparse.Namespace) -> int:
+    settings = load_settings(require_provider=False)
+    configure_logging(settings.log_level, settings.log_format.value)
+    from uvian_worker import ops
+
+    return await ops.health(settings, args.worker_id, this_host=args.this_host)

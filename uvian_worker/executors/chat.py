@@ -76,6 +76,12 @@ class Turns(Protocol):
     def turn(self, conversation_id: str, job_id: str) -> AbstractAsyncContextManager[None]: ...
 
 
+class ReplyMetrics(Protocol):
+    def first_token(self, seconds: float) -> None: ...
+
+    def reply_tokens(self, count: int) -> None: ...
+
+
 class NoTurns:
     """Conversations without a generation slot (tests of one job at a time)."""
 
@@ -107,6 +113,7 @@ class ChatExecutor:
         *,
         default_model: str,
         turns: Turns | None = None,
+        metrics: ReplyMetrics | None = None,
     ) -> None:
         self._store = store
         self._provider = provider
@@ -114,6 +121,7 @@ class ChatExecutor:
         self._options = options
         self._default_model = default_model
         self._turns = turns or NoTurns()
+        self._metrics = metrics
 
     async def run(self, job: JobContext) -> dict[str, Any]:
         chat = parse_input(ChatInput, job.input, what="ai-chat")
@@ -202,6 +210,10 @@ class ChatExecutor:
         error: WorkerError | None = None,
     ) -> bool:
         entry = self._attempt_entry(job, reply, prompt, status, error)
+        if self._metrics is not None:
+            if reply.first_token_s is not None:
+                self._metrics.first_token(reply.first_token_s)
+            self._metrics.reply_tokens(entry["usage"]["completionTokens"])
         metadata = {
             "model": reply.model or self._default_model,
             "provider": self._provider.name,

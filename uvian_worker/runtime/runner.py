@@ -29,6 +29,7 @@ from uvian_worker.errors import (
 from uvian_worker.events import Publisher
 from uvian_worker.executors.base import Executor, JobContext, StopSignal
 from uvian_worker.observability.logs import bind_job
+from uvian_worker.observability.metrics import PROVIDER_ERROR_KINDS
 from uvian_worker.observability.redaction import redact
 from uvian_worker.runtime.retry import (
     BACKOFF_TYPE,
@@ -56,6 +57,25 @@ class OutcomeStore(Protocol):
     ) -> None: ...
 
 
+class JobMetrics(Protocol):
+    def job_started(self, job_name: str) -> None: ...
+
+    def job_finished(self, job_name: str, outcome: Any, duration_s: float) -> None: ...
+
+    def provider_error(self, kind: str) -> None: ...
+
+
+class NoMetrics:
+    def job_started(self, job_name: str) -> None:
+        return None
+
+    def job_finished(self, job_name: str, outcome: Any, duration_s: float) -> None:
+        return None
+
+    def provider_error(self, kind: str) -> None:
+        return None
+
+
 class StopRequests(Protocol):
     def track(self, job_id: str) -> AbstractContextManager[StopSignal]: ...
 
@@ -80,11 +100,14 @@ class JobRunner:
         outcomes: OutcomeStore,
         publisher: Publisher,
         stops: StopRequests | None = None,
+        *,
+        metrics: JobMetrics | None = None,
     ) -> None:
         self._executors = dict(executors)
         self._outcomes = outcomes
         self._publisher = publisher
         self._stops = stops or NoStopRequests()
+        self._metrics = metrics or NoMetrics()
         # Runs in flight in this process: job id -> BullMQ token -> its stop signal.
         # Two runs of one job meet here when its lock lapsed (an outage, a blocked
         # loop) and BullMQ handed it out again while the first still streamed.
@@ -100,22 +123,28 @@ class JobRunner:
         ):
             started_s = monotonic_s()
             logger.info("Job started")
+            self._metrics.job_started(job.name)
+            outcome = "retried"  # what a run cancelled from outside (shutdown) comes to
             try:
                 result = await self._execute(job, self._context(job, attempt, max_attempts, stop))
             except ReplySuperseded as exc:
                 # This run lost its job to a newer run (its lock lapsed), which
                 # records the outcome; BullMQ refuses this run's verdict anyway.
                 logger.warning("Job run superseded: %s", exc, extra={"outcome": "superseded"})
+                outcome = "superseded"
                 raise
-            except WorkerError as exc:
-                raise await self._fail(job, attempt, max_attempts, exc, started_s) from None
             except Exception as exc:
                 error = classify(exc)
                 if isinstance(error, InternalError):
                     logger.exception("Job failed with an unexpected error")
+                outcome = _outcome(error, attempt, max_attempts)
                 # `from None`: BullMQ stores the traceback where dashboards show it, and
                 # a library's text may quote what it should not; the log keeps it all.
                 raise await self._fail(job, attempt, max_attempts, error, started_s) from None
+            else:
+                outcome = "completed"
+            finally:
+                self._metrics.job_finished(job.name, outcome, monotonic_s() - started_s)
             logger.info(
                 "Job completed", extra={"outcome": "completed", "duration_ms": _ms(started_s)}
             )
@@ -176,6 +205,8 @@ class JobRunner:
     ) -> Exception:
         """Record and publish a failed attempt; returns what tells BullMQ to retry or not."""
         will_retry = should_retry(exc, attempt, max_attempts)
+        if exc.kind in PROVIDER_ERROR_KINDS:
+            self._metrics.provider_error(exc.kind)
         status = _failure_status(exc, will_retry)
         delay_ms = 0
         if will_retry:
@@ -242,6 +273,13 @@ class JobRunner:
             await self._publisher.publish(channel, event)
         except Exception as exc:  # noqa: BLE001 - an event lost must not change the job's outcome
             logger.warning("Could not publish on %s: %s", channel, type(exc).__name__)
+
+
+def _outcome(error: WorkerError, attempt: int, max_attempts: int) -> str:
+    """The metrics' name for how an attempt ended."""
+    if isinstance(error, JobCancelled):
+        return "cancelled"
+    return "retried" if should_retry(error, attempt, max_attempts) else "failed"
 
 
 def _failure_status(exc: WorkerError, will_retry: bool) -> str:

@@ -60,7 +60,7 @@ async def notification_worker(settings: Settings, database: Database) -> AsyncIt
         connect_timeout_s=settings.connect_timeout_s,
     )
     spec = QueueSpec(settings.notification_queue, settings.notification_concurrency)
-    queues = QueueWorkers([spec], options, runner.process)
+    queues = QueueWorkers([spec], options, runner)
     queues.start()
     try:
         yield

@@ -62,12 +62,13 @@ async def replies(database: Database, chat: ChatJob) -> list[Any]:
         )
 
 
+@pytest.mark.parametrize("pooler", ["transaction", "none"])
 async def test_chat_job_saves_and_publishes_one_reply(
-    database: Database, simulator: RunningSimulator
+    database: Database, simulator: RunningSimulator, pooler: str
 ) -> None:
     chat = await seed_chat_job(database, "What should we cook tonight?")
 
-    state, job, events = await run_chat(simulator, chat)
+    state, job, events = await run_chat(simulator, chat, database_pooler=pooler)
 
     assert state == "completed"
     result = job.returnvalue

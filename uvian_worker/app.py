@@ -37,7 +37,7 @@ from uvian_worker.runtime.lifecycle import (
 from uvian_worker.runtime.runner import JobRunner
 from uvian_worker.runtime.sweeper import ReplySweeper
 from uvian_worker.runtime.turns import ConversationTurns
-from uvian_worker.settings import ConversationMode, Settings, resolve_provider
+from uvian_worker.settings import ConversationMode, DatabasePooler, Settings, resolve_provider
 from uvian_worker.store.chat import ChatRepository, SweepRepository
 from uvian_worker.store.database import Database
 from uvian_worker.store.jobs import JobRepository
@@ -66,6 +66,7 @@ async def connect(settings: Settings) -> Connected:
             acquire_timeout_s=settings.db_acquire_timeout_s,
             command_timeout_s=settings.db_command_timeout_s,
             connect_timeout_s=settings.connect_timeout_s,
+            behind_pooler=settings.database_pooler is DatabasePooler.TRANSACTION,
         )
         await _check_schema(database)
     except StoreUnavailable as exc:

@@ -32,6 +32,13 @@ class RunPodApiMode(StrEnum):
     OPENAI = "openai"  # the endpoint's OpenAI-compatible route, {endpoint}/openai/v1
 
 
+class DatabasePooler(StrEnum):
+    TRANSACTION = (
+        "transaction"  # pgbouncer or Supabase's pooler in transaction mode (safe anywhere)
+    )
+    NONE = "none"  # a direct connection or a session-mode pooler: prepared statements are kept
+
+
 class ConversationMode(StrEnum):
     QUEUE = "queue"  # a conversation's next reply waits for the one streaming
     SUPERSEDE = "supersede"  # a newer job stops the one streaming, then takes its turn
@@ -58,6 +65,7 @@ class Settings(BaseSettings):
     redis_port: int = Field(default=6379, ge=1, le=65535)
     redis_password: SecretStr | None = None
     database_url: SecretStr
+    database_pooler: DatabasePooler = DatabasePooler.TRANSACTION
     db_pool_min_size: int = Field(default=2, ge=0)
     db_pool_max_size: int = Field(default=20, ge=1)
     db_acquire_timeout_s: float = Field(default=10.0, gt=0)

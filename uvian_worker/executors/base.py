@@ -9,7 +9,9 @@ job's failed state, its row and its status event.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from uuid import UUID
@@ -53,6 +55,18 @@ class JobContext:
     max_attempts: int
     report_progress: ProgressReporter = _no_progress
     stop: StopSignal = field(default_factory=StopSignal)
+    # Where the attempt's time went (`db_ms`, `provider_ms`, ...), for its closing log line.
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Add the time spent in the body to `timings_ms[phase]`."""
+        started_s = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent_ms = (time.perf_counter() - started_s) * 1000.0
+            self.timings_ms[phase] = round(self.timings_ms.get(phase, 0.0) + spent_ms, 2)
 
     @property
     def cancelled(self) -> asyncio.Event:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -127,16 +128,17 @@ class ChatExecutor:
         chat = parse_input(ChatInput, job.input, what="ai-chat")
         _check_message(chat.message, self._options.max_message_chars)
 
-        context = await self._store.begin_chat(
-            job_id=job.job_id,
-            job_name=job.name,
-            job_input=job.input,
-            attempt=job.attempt,
-            conversation_id=chat.conversation_id,
-            user_id=chat.user_id,
-            message_id=chat.message_id,
-            history_limit=self._options.history_limit,
-        )
+        with job.timed("db_ms"):
+            context = await self._store.begin_chat(
+                job_id=job.job_id,
+                job_name=job.name,
+                job_input=job.input,
+                attempt=job.attempt,
+                conversation_id=chat.conversation_id,
+                user_id=chat.user_id,
+                message_id=chat.message_id,
+                history_limit=self._options.history_limit,
+            )
         if context.prior_job_status == "completed" and context.prior_output is not None:
             # Delivered again after a run that saved its reply (a worker that died
             # before BullMQ heard of it). The reply event is not sent twice; the
@@ -147,6 +149,7 @@ class ChatExecutor:
         _check_access(context, chat)
         await self._publish_status(job, "processing")
 
+        turn_asked_s = time.perf_counter()
         prompt = fit_prompt(
             system_message(context.conversation_kind, context.conversation_title),
             context.history,
@@ -155,6 +158,7 @@ class ChatExecutor:
             counter=self._options.counter,
         )
         async with self._turns.turn(str(chat.conversation_id), str(job.job_id)):
+            job.timings_ms["turn_wait_ms"] = round(_since_ms(turn_asked_s), 2)
             if job.cancelled.is_set():
                 raise JobCancelled(f"cancelled before it started: {job.cancel_reason}")
             return await self._reply(job, chat, prompt)
@@ -179,7 +183,8 @@ class ChatExecutor:
             stream = consume_stream(
                 self._provider.stream_reply(request), self._options.deadlines, reply.take
             )
-            stopped = await _unless_stopped(stream, job.cancelled)
+            with job.timed("stream_ms"):
+                stopped = await _unless_stopped(stream, job.cancelled)
         except ReplySuperseded:
             return await self._result_of_winner(job, reply)
         except WorkerError as exc:
@@ -301,7 +306,8 @@ class ChatExecutor:
             job.job_id, status, attempt=job.attempt, max_attempts=job.max_attempts
         )
         try:
-            await self._publisher.publish(events.job_status_channel(job.job_id), event)
+            with job.timed("publish_ms"):
+                await self._publisher.publish(events.job_status_channel(job.job_id), event)
         except EventsUnavailable as exc:
             logger.warning("Could not publish the job's status: %s", exc)
 
@@ -346,6 +352,10 @@ def _check_access(context: ChatContext, chat: ChatInput) -> None:
         )
     if not context.message_found:
         raise NotFound(f"message {chat.message_id} is not in conversation {chat.conversation_id}")
+
+
+def _since_ms(started_s: float) -> float:
+    return (time.perf_counter() - started_s) * 1000.0
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -146,7 +146,9 @@ class LiveReply:
         """The first token: publish it at once, then open the row this run owns."""
         self.first_token_s = now_s - self._started_s
         await self.flush()
-        if not await self._store.start_reply(self._record("generating", "")):
+        with self._job.timed("db_ms"):
+            opened = await self._store.start_reply(self._record("generating", ""))
+        if not opened:
             raise ReplySuperseded("another run of this job already finished its reply")
         self._opened = True
         self._last_save_s = now_s
@@ -174,9 +176,10 @@ class LiveReply:
             if self._seq == 1:
                 event["restart"] = True
             try:
-                await self._publisher.publish_delta(
-                    self._channel, event, stream_key=self._stream_key, restart=self._seq == 1
-                )
+                with self._job.timed("publish_ms"):
+                    await self._publisher.publish_delta(
+                        self._channel, event, stream_key=self._stream_key, restart=self._seq == 1
+                    )
             except EventsUnavailable as exc:
                 # Deltas are best effort: the text is saved, and the final event carries it.
                 self._warn("Could not publish a reply delta: %s", exc)
@@ -225,7 +228,9 @@ class LiveReply:
         await self.close()
         await self.flush()
         record = self._record(status, self.text, metadata)
-        if not await self._store.end_reply(record, attempt_entry, job_output=job_output):
+        with self._job.timed("db_ms"):
+            ended = await self._store.end_reply(record, attempt_entry, job_output=job_output)
+        if not ended:
             return False
         event = {
             "type": "ai_response",
@@ -242,9 +247,10 @@ class LiveReply:
             "timestamp": events.timestamp(),
         }
         try:
-            await self._publisher.publish_reply_end(
-                self._channel, event, stream_key=self._stream_key, seq=self._seq + 1
-            )
+            with self._job.timed("publish_ms"):
+                await self._publisher.publish_reply_end(
+                    self._channel, event, stream_key=self._stream_key, seq=self._seq + 1
+                )
         except EventsUnavailable as exc:
             # Saved all the same; clients see it when they load the conversation.
             self._warn("Could not publish the reply's final event: %s", exc)

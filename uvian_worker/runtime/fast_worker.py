@@ -69,7 +69,7 @@ class FastWorker(Worker):  # type: ignore[misc]  # bullmq ships without type inf
                 result = await self.processor(job, token, controller.signal)
             else:
                 result = await self.processor(job, token)
-            return await self._complete(job, result, token)
+            next_job_data = await self._complete(job, result, token)
         except (DelayedError, WaitingChildrenError):
             return None
         except Exception as err:  # noqa: BLE001 - the stock worker's contract: report, go on
@@ -78,6 +78,7 @@ class FastWorker(Worker):  # type: ignore[misc]  # bullmq ships without type inf
         finally:
             self.jobs.discard((job, token))
             self.lockManager.untrack_job(job.id)
+        return await self._fetched_job(next_job_data, token)
 
     def _apply_worker_retention(self, job: Job) -> None:
         # Worker-level retention applies to jobs that were added without their own.
@@ -85,8 +86,11 @@ class FastWorker(Worker):  # type: ignore[misc]  # bullmq ships without type inf
             if option not in job.opts and option in self.opts:
                 job.opts[option] = self.opts[option]
 
-    async def _complete(self, job: Job, result: Any, token: str) -> Job | None:
-        """Mark `job` completed; fetch the next job in the same call when more work is wanted."""
+    async def _complete(self, job: Job, result: Any, token: str) -> Any:
+        """Mark `job` completed, asking for the next job in the same call when more is wanted.
+
+        Returns what the script answered about the next job, or None when none was asked for.
+        """
         if self.forceClosing:
             # A forced close leaves the job active; its lock lapses and it runs again.
             self.emit("completed", job, result)
@@ -99,20 +103,26 @@ class FastWorker(Worker):  # type: ignore[misc]  # bullmq ships without type inf
         job.returnvalue = result
         job.attemptsMade = job.attemptsMade + 1
         self.emit("completed", job, result)
-        if not fetch_next:
-            return None
-        return await self._fetched_job(finished["result"], token)
+        return finished["result"] if fetch_next else None
 
     async def _fetched_job(self, next_job_data: Any, token: str) -> Job | None:
         """The job `moveToFinished` moved to active for this slot, if it found one.
 
         `nextJobFromJobData` also records what the script said about the queue
         (drained, rate limited, the next delayed job), as after `moveToActive`.
+        A failure here is the worker's, not the finished job's: it is reported
+        as an `error` event, like a failed `moveToActive`.
         """
-        job_data, job_id, limit_until, delay_until = next_job_data or (None, None, None, None)
-        next_job = await self.nextJobFromJobData(
-            job_data, job_id, limit_until or 0, delay_until or 0, token
-        )
+        if next_job_data is None:
+            return None
+        job_data, job_id, limit_until, delay_until = next_job_data
+        try:
+            next_job = await self.nextJobFromJobData(
+                job_data, job_id, limit_until or 0, delay_until or 0, token
+            )
+        except Exception as err:  # noqa: BLE001 - reported; the main loop opens a new slot
+            self.emit("error", err)
+            return None
         if next_job is not None:
             self.emit("active", next_job, "waiting")
         return next_job

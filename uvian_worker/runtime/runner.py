@@ -125,8 +125,10 @@ class JobRunner:
             logger.info("Job started")
             self._metrics.job_started(job.name)
             outcome = "retried"  # what a run cancelled from outside (shutdown) comes to
+            context: JobContext | None = None
             try:
-                result = await self._execute(job, self._context(job, attempt, max_attempts, stop))
+                context = self._context(job, attempt, max_attempts, stop)
+                result = await self._execute(job, context)
             except ReplySuperseded as exc:
                 # This run lost its job to a newer run (its lock lapsed), which
                 # records the outcome; BullMQ refuses this run's verdict anyway.
@@ -145,8 +147,15 @@ class JobRunner:
                 outcome = "completed"
             finally:
                 self._metrics.job_finished(job.name, outcome, monotonic_s() - started_s)
+            timings = context.timings_ms if context is not None else {}
             logger.info(
-                "Job completed", extra={"outcome": "completed", "duration_ms": _ms(started_s)}
+                "Job completed",
+                extra={
+                    "outcome": "completed",
+                    "duration_ms": _ms(started_s),
+                    "queue_ms": _queue_ms(job),
+                    **timings,
+                },
             )
             return result
 
@@ -314,6 +323,13 @@ def _maybe_uuid(value: Any) -> UUID | None:
         return UUID(str(value))
     except ValueError:
         return None
+
+
+def _queue_ms(job: Job) -> int | None:
+    """From the job's creation to a worker taking it (delays and backoffs included)."""
+    if not job.processedOn or not job.timestamp:
+        return None
+    return int(job.processedOn) - int(job.timestamp)
 
 
 def _ms(started_s: float) -> float:

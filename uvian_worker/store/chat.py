@@ -154,7 +154,7 @@ class ChatRepository:
         message_id: UUID,
         history_limit: int,
     ) -> ChatContext:
-        async with self._database.transaction() as conn:
+        async with self._database.statement() as conn:
             row = await conn.fetchrow(
                 _BEGIN_CHAT,
                 job_id,
@@ -182,7 +182,7 @@ class ChatRepository:
 
     async def start_reply(self, reply: ReplyRecord) -> bool:
         """Open the reply for this run; false when another run already finished it."""
-        async with self._database.transaction() as conn:
+        async with self._database.statement() as conn:
             row = await conn.fetchrow(
                 _START_REPLY,
                 reply.message_id,
@@ -197,7 +197,7 @@ class ChatRepository:
 
     async def save_partial(self, job_id: UUID, run_id: UUID, content: str) -> bool:
         """Save the text so far; false when this run no longer owns the reply."""
-        async with self._database.transaction() as conn:
+        async with self._database.statement() as conn:
             row = await conn.fetchrow(_SAVE_PARTIAL, job_id, run_id, content)
         return row is not None
 
@@ -212,7 +212,7 @@ class ChatRepository:
 
         False when this run did not own the reply: another run ended it, untouched.
         """
-        async with self._database.transaction() as conn:
+        async with self._database.statement() as conn:
             written = await conn.fetchval(
                 _END_REPLY,
                 reply.message_id,
@@ -232,11 +232,11 @@ class ChatRepository:
     async def suspend_reply(
         self, job_id: UUID, run_id: UUID, attempt_entry: dict[str, Any]
     ) -> None:
-        async with self._database.transaction() as conn:
+        async with self._database.statement() as conn:
             await conn.execute(_SUSPEND_REPLY, job_id, run_id, _json(attempt_entry))
 
     async def get_reply(self, job_id: UUID) -> SavedReply | None:
-        async with self._database.transaction() as conn:
+        async with self._database.statement() as conn:
             row = await conn.fetchrow(_GET_REPLY, job_id)
         if row is None:
             return None
@@ -255,12 +255,12 @@ class SweepRepository:
         self._database = database
 
     async def stale_replies(self, stale_after_s: float, limit: int) -> list[StaleReply]:
-        async with self._database.transaction() as conn:
+        async with self._database.statement() as conn:
             rows = await conn.fetch(_STALE_REPLIES, stale_after_s, limit)
         return [StaleReply(**dict(row)) for row in rows]
 
     async def interrupt(self, reply: StaleReply) -> bool:
-        async with self._database.transaction() as conn:
+        async with self._database.statement() as conn:
             row = await conn.fetchrow(_INTERRUPT_REPLY, reply.id, reply.updated_at)
         return row is not None
 

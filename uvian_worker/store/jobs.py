@@ -63,7 +63,7 @@ class JobRepository:
         error_message: str | None,
         error_kind: str | None,
     ) -> None:
-        async with self._database.transaction() as conn:
+        async with self._database.statement() as conn:
             await conn.execute(
                 _RECORD_OUTCOME,
                 job_id,

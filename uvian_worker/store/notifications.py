@@ -77,7 +77,7 @@ class NotificationRepository:
         conversation_id: UUID | None,
         sender_id: UUID | None,
     ) -> RecipientCheck:
-        async with self._database.transaction() as conn:
+        async with self._database.statement() as conn:
             row = await conn.fetchrow(
                 _BEGIN_NOTIFICATION,
                 job_id,
@@ -111,7 +111,7 @@ class NotificationRepository:
                 notification.notification_type,
                 orjson.dumps(notification.data).decode(),
             )
-        async with self._database.transaction() as conn:
+        async with self._database.statement() as conn:
             stored_at: datetime | None = await conn.fetchval(
                 _FINISH_NOTIFICATION, *values, job_id, orjson.dumps(output).decode()
             )

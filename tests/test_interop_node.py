@@ -88,6 +88,9 @@ async def test_node_producer_sees_completed_chat_job(
     assert result["content"] == "".join(scripted_reply("Plan a picnic", 24))
     assert set(result) == {"status", "messageId", "content", "model", "tokensUsed"}
     assert "completed" in outcome["events"]
+    # Node's QueueEvents saw the reply's progress (reported at its first token).
+    assert outcome["progressEvents"], outcome
+    assert outcome["progressEvents"][0]["messageId"] == result["messageId"]
     assert seen["state"] == "completed" and seen["returnvalue"] == result
     assert seen["attemptsMade"] == 1
 

@@ -275,3 +275,29 @@ async def test_newer_job_supersedes_the_streaming_one_when_configured(
         if c.endswith(":status") and e["status"] in ("completed", "cancelled")
     }
     assert statuses == {str(first.job_id): "cancelled", str(newer_id): "completed"}
+
+
+async def test_reply_row_exists_from_the_first_token_and_saves_its_partial_text(
+    database: Database, simulator: RunningSimulator
+) -> None:
+    message = "Slowly now [[sim:tokens=150]] [[sim:tps=60]]"
+    chat = await seed_chat_job(database, message)
+    settings = settings_for_test(simulator.url, reply_save_interval_s=0.3)
+
+    async with (
+        record_events(f"job:{chat.job_id}:*", f"conversation:{chat.conversation_id}:*") as rec,
+        running_worker(settings),
+    ):
+        await enqueue(settings, "ai-chat", chat.data, str(chat.job_id))
+        await rec.wait_for(lambda c, e: e.get("type") == "ai_delta")
+        at_first_token = await reply_row(database, chat)
+        # 60 tokens/s and 50 ms windows: 25 deltas are over a second of text.
+        await rec.wait_for(lambda c, e: e.get("type") == "ai_delta", count=25)
+        midway = await reply_row(database, chat)
+        await rec.wait_for(final_status(chat.job_id))
+
+    final = await reply_row(database, chat)
+    assert at_first_token is not None and at_first_token["status"] == "generating"
+    assert midway["status"] == "generating" and midway["content"]
+    assert final["content"].startswith(midway["content"]) and final["content"] != midway["content"]
+    assert final["status"] == "completed"

@@ -143,15 +143,18 @@ class LiveReply:
             await self._report_progress(now_s)
 
     async def _open(self, now_s: float) -> None:
-        """The first token: publish it at once, then open the row this run owns."""
+        """The first token: open the row this run owns, then publish the text.
+
+        The row comes first so that the API, given any delta, finds its message.
+        """
         self.first_token_s = now_s - self._started_s
-        await self.flush()
         with self._job.timed("db_ms"):
             opened = await self._store.start_reply(self._record("generating", ""))
         if not opened:
             raise ReplySuperseded("another run of this job already finished its reply")
         self._opened = True
         self._last_save_s = now_s
+        await self.flush()
         await self._report_progress(now_s)
 
     async def flush(self) -> None:

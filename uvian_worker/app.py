@@ -174,7 +174,6 @@ class WorkerApp:
                 self.metrics, "0.0.0.0", self.settings.metrics_port, HealthCheck(self.heartbeat)
             )
             self._stack.push_async_callback(server.stop)
-            logger.info("Metrics and health served", extra={"url": server.url})
         logger.info(
             "Worker started",
             extra={

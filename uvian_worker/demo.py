@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 import textwrap
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID, uuid4
 
+import aiohttp
 import orjson
 import redis.asyncio as redis
 from bullmq import Queue
@@ -71,19 +73,43 @@ async def run_demo() -> int:
     )
     say(f"2. LLM simulator on {simulator.url} (250 ms to first token, 40 tokens/s)")
 
-    worker = await _start_worker(dsn, redis_url, simulator.url)
+    metrics_port = _free_port()
+    worker = await _start_worker(dsn, redis_url, simulator.url, metrics_port)
     database = await Database.connect(dsn, min_size=1, max_size=2)
     try:
         code = await _converse(database, redis_url)
+        await _show_metrics(metrics_port)
     finally:
         exit_code = await _stop_worker(worker)
         await database.close()
         await simulator.stop()
-    say(f"\n6. Worker stopped with SIGTERM, exit code {exit_code}")
+    say(f"\n7. Worker stopped with SIGTERM, exit code {exit_code}")
     return code if exit_code == 0 else 1
 
 
-async def _start_worker(dsn: str, redis_url: str, simulator_url: str) -> asyncio.subprocess.Process:
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def _show_metrics(port: int) -> None:
+    """What an operator's Prometheus would scrape from the worker now."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as response,
+    ):
+        text = await response.text()
+    wanted = ("uvian_worker_jobs_finished_total{", "uvian_worker_first_token_seconds_count")
+    lines = [line for line in text.splitlines() if line.startswith(wanted) and " 0.0" not in line]
+    say(f"\n6. Metrics on http://127.0.0.1:{port}/metrics (a few of them)")
+    for line in lines:
+        say(f"   {line}")
+
+
+async def _start_worker(
+    dsn: str, redis_url: str, simulator_url: str, metrics_port: int
+) -> asyncio.subprocess.Process:
     env = {
         **os.environ,
         "DATABASE_URL": dsn,
@@ -93,6 +119,7 @@ async def _start_worker(dsn: str, redis_url: str, simulator_url: str) -> asyncio
         "QUEUE_PREFIX": DEMO_PREFIX,
         "LOG_FORMAT": "console",
         "WORKER_CONCURRENCY": "10",
+        "METRICS_PORT": str(metrics_port),
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "uvian_worker", "run", env=env, stderr=asyncio.subprocess.PIPE
@@ -183,18 +210,23 @@ async def _converse(database: Database, redis_url: str) -> int:
 
 async def _show_events(pubsub: Any, jobs: dict[UUID, DemoJob]) -> dict[UUID, dict[str, Any]]:
     finals: dict[UUID, dict[str, Any]] = {}
+    deltas: dict[str, int] = {}
     async with asyncio.timeout(WAIT_S):
         async for message in pubsub.listen():
             if message["type"] != "message":
                 continue
             event = orjson.loads(message["data"])
-            if event.get("type") == "ai_response":
+            if event.get("type") == "ai_delta":
+                deltas[event["jobId"]] = deltas.get(event["jobId"], 0) + 1
+            elif event.get("type") == "ai_response":
                 job = jobs[UUID(event["jobId"])]
                 reply = textwrap.fill(
                     event["content"], 76, initial_indent="     ", subsequent_indent="     "
                 )
-                tokens = event["tokensUsed"]
-                say(f"   ← Assistant, answering {job.asked_by} ({tokens} tokens):\n{reply}")
+                streamed = (
+                    f"{event['tokensUsed']} tokens, streamed in {deltas.get(event['jobId'])} deltas"
+                )
+                say(f"   ← Assistant, answering {job.asked_by} ({streamed}):\n{reply}")
             elif event.get("status") in FINAL and not event.get("willRetry"):
                 finals[UUID(event["jobId"])] = event
                 if len(finals) == len(jobs):

@@ -8,7 +8,7 @@ from uuid import UUID
 import orjson
 
 from uvian_worker.store.database import Database
-from uvian_worker.store.jobs import storable_json
+from uvian_worker.store.jobs import mark_processing_ctes, storable_json
 from uvian_worker.store.records import (
     ASSISTANT_PROFILE_ID,
     ChatContext,
@@ -21,20 +21,7 @@ from uvian_worker.store.records import (
 # Marks the job row processing (unless it already ended) and reads everything
 # the prompt needs, in one round trip. `prior` sees the row as it was before
 # this statement, which tells a redelivered, already finished job apart.
-_BEGIN_CHAT = """
-with prior as (
-    select status, output::text as output from public.jobs where id = $1
-), marked as (
-    insert into public.jobs as j (id, job_type, status, input, attempts, started_at, created_by)
-    values ($1, $2, 'processing', $3::jsonb, $4, now(),
-            (select p.id from public.profiles p where p.id = $6))
-    on conflict (id) do update
-        set status = 'processing', attempts = excluded.attempts,
-            started_at = coalesce(j.started_at, now()), updated_at = now(),
-            error_message = null, error_kind = null
-        where j.status in ('queued', 'processing', 'failed')
-    returning 1
-), anchor as (
+_BEGIN_CHAT = mark_processing_ctes("$6") + """, anchor as (
     select created_at from public.messages where id = $7 and conversation_id = $5
 )
 select

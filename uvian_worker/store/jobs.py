@@ -48,6 +48,30 @@ def storable_json(value: Any) -> str:
         return '{"unstorable": "the input could not be stored as JSON"}'
 
 
+def mark_processing_ctes(creator_param: str) -> str:
+    """The opening CTEs every executor's first statement shares: `prior` (the job row as
+    it was, which tells a redelivered, already finished job apart) and `marked` (the row
+    set processing with this attempt, unless it already ended completed or cancelled).
+
+    Parameters $1..$4 are the job id, its name, its input and the attempt;
+    `creator_param` names the one holding the profile that created the job.
+    """
+    return f"""
+with prior as (
+    select status, output::text as output from public.jobs where id = $1
+), marked as (
+    insert into public.jobs as j (id, job_type, status, input, attempts, started_at, created_by)
+    values ($1, $2, 'processing', $3::jsonb, $4, now(),
+            (select p.id from public.profiles p where p.id = {creator_param}))
+    on conflict (id) do update
+        set status = 'processing', attempts = excluded.attempts,
+            started_at = coalesce(j.started_at, now()), updated_at = now(),
+            error_message = null, error_kind = null
+        where j.status in ('queued', 'processing', 'failed')
+    returning 1
+)"""
+
+
 class JobRepository:
     def __init__(self, database: Database) -> None:
         self._database = database

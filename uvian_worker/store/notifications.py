@@ -10,27 +10,14 @@ import orjson
 
 from uvian_worker.executors.notification import NotificationRecord, RecipientCheck
 from uvian_worker.store.database import Database
-from uvian_worker.store.jobs import storable_json
+from uvian_worker.store.jobs import mark_processing_ctes, storable_json
 
 # Marks the job row processing (unless it already ended) and reads whether the
 # recipient exists and may hear of the conversation, in one round trip. `prior`
 # sees the row as it was before this statement, which tells a redelivered,
 # already finished job apart. A notification naming no conversation needs no
 # membership.
-_BEGIN_NOTIFICATION = """
-with prior as (
-    select status, output::text as output from public.jobs where id = $1
-), marked as (
-    insert into public.jobs as j (id, job_type, status, input, attempts, started_at, created_by)
-    values ($1, $2, 'processing', $3::jsonb, $4, now(),
-            (select p.id from public.profiles p where p.id = $7))
-    on conflict (id) do update
-        set status = 'processing', attempts = excluded.attempts,
-            started_at = coalesce(j.started_at, now()), updated_at = now(),
-            error_message = null, error_kind = null
-        where j.status in ('queued', 'processing', 'failed')
-    returning 1
-)
+_BEGIN_NOTIFICATION = mark_processing_ctes("$7") + """
 select
     (select status from prior) as prior_status,
     (select output from prior) as prior_output,

@@ -1,6 +1,6 @@
 """Slow and broken model servers: retry policy, streaming deadlines, failed replies.
 
-The simulator injects the faults for real over HTTP (see providers/simulator.py).
+The simulator injects the faults for real over HTTP (see providers/simulator/).
 """
 
 from __future__ import annotations

@@ -301,3 +301,29 @@ async def test_reply_row_exists_from_the_first_token_and_saves_its_partial_text(
     assert midway["status"] == "generating" and midway["content"]
     assert final["content"].startswith(midway["content"]) and final["content"] != midway["content"]
     assert final["status"] == "completed"
+
+
+async def test_stop_before_the_first_token_leaves_no_reply(
+    database: Database, simulator: RunningSimulator
+) -> None:
+    chat = await seed_chat_job(database, "Cold start [[sim:delay_ms=3000]]")
+    settings = settings_for_test(simulator.url)
+    publisher = redis.Redis.from_url(TEST_REDIS_URL)
+    try:
+        async with (
+            record_events(f"job:{chat.job_id}:*", f"conversation:{chat.conversation_id}:*") as rec,
+            running_worker(settings),
+        ):
+            await enqueue(settings, "ai-chat", chat.data, str(chat.job_id))
+            await rec.wait_for(lambda c, e: e.get("status") == "processing")
+            await simulator.stats.wait_for("streams_started")
+            await publisher.publish(f"job:{chat.job_id}:cancel", "never mind")
+            await rec.wait_for(final_status(chat.job_id))
+    finally:
+        await publisher.aclose()
+    assert [e["status"] for c, e in rec.events if c.endswith(":status")] == [
+        "processing",
+        "cancelled",
+    ]
+    assert not [e for _c, e in rec.events if e.get("type") in ("ai_delta", "ai_response")]
+    assert await reply_row(database, chat) is None

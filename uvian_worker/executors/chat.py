@@ -196,7 +196,9 @@ class ChatExecutor:
         if stopped and job.stop.quiet:
             raise ReplySuperseded(job.cancel_reason)
         if stopped:
-            await self._end(job, reply, prompt, "stopped")
+            # Stopped before its first token, a reply never started: nothing to end.
+            if reply.opened:
+                await self._end(job, reply, prompt, "stopped")
             raise JobCancelled(job.cancel_reason)
         output = self._result(target.message_id, reply, prompt)
         if not await self._end(job, reply, prompt, "completed", job_output=output):

@@ -32,7 +32,7 @@ from uvian_worker.runtime.lifecycle import (
     QueueOptions,
     QueueSpec,
     QueueWorkers,
-    wait_for_stop_signal,
+    ShutdownSignals,
 )
 from uvian_worker.runtime.runner import JobRunner
 from uvian_worker.runtime.sweeper import ReplySweeper
@@ -198,9 +198,11 @@ class WorkerApp:
 
 
 async def run_worker(settings: Settings) -> None:
+    signals = ShutdownSignals()
     app = await WorkerApp.create(settings)
     await app.start()
-    signal_name = await wait_for_stop_signal(app.queues.skip_grace)
+    signals.on_second_signal = app.queues.skip_grace
+    signal_name = await signals.received
     logger.info(
         "Stopping on %s: %d jobs in flight, grace period %g s",
         signal_name,

@@ -144,16 +144,17 @@ async def _cmd_simulator(args: argparse.Namespace) -> int:
     settings = load_settings(require_provider=False, database_url="postgresql://unused")
     configure_logging(settings.log_level, settings.log_format.value)
     from uvian_worker.providers.simulator import SimulatorConfig, start_simulator
-    from uvian_worker.runtime.lifecycle import wait_for_stop_signal
+    from uvian_worker.runtime.lifecycle import ShutdownSignals
 
     config = SimulatorConfig(
         first_token_delay_ms=args.first_token_ms,
         tokens_per_s=args.tokens_per_s,
         reply_tokens=args.reply_tokens,
     )
+    signals = ShutdownSignals()
     simulator = await start_simulator(config, host=args.host, port=args.port)
     logger.info("Simulator listening", extra={"url": simulator.url})
-    await wait_for_stop_signal(lambda: None)
+    await signals.received
     await simulator.stop()
     return 0
 

@@ -163,17 +163,23 @@ def _untrack_only_finished_runs(worker: Worker, runs: Runs) -> None:
     locks.untrack_job = untrack_finished
 
 
-async def wait_for_stop_signal(on_second_signal: Callable[[], None]) -> str:
-    """Return the name of the first SIGTERM/SIGINT; a second one calls `on_second_signal`."""
-    loop = asyncio.get_running_loop()
-    received: asyncio.Future[str] = loop.create_future()
+class ShutdownSignals:
+    """SIGTERM and SIGINT, caught from the start of the process's life.
 
-    def handle(signum: signal.Signals) -> None:
-        if received.done():
-            on_second_signal()
+    Installed before anything connects, so a signal that arrives while the
+    worker starts still ends it cleanly. The first signal resolves `received`;
+    a second one calls `on_second_signal`.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.received: asyncio.Future[str] = self._loop.create_future()
+        self.on_second_signal: Callable[[], None] = lambda: None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(signum, self._handle, signum)
+
+    def _handle(self, signum: signal.Signals) -> None:
+        if self.received.done():
+            self.on_second_signal()
         else:
-            received.set_result(signum.name)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, handle, signum)
-    return await received
+            self.received.set_result(signum.name)

@@ -99,20 +99,9 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:
-        """A pooled connection inside a transaction; connection loss becomes `StoreUnavailable`.
-
-        A connection whose transaction was interrupted (cancelled mid-query,
-        killed by the server) is released by the pool, which terminates it
-        rather than handing it to the next caller.
-        """
-        try:
-            async with (
-                self._pool.acquire(timeout=self._acquire_timeout_s) as conn,
-                conn.transaction(),
-            ):
-                yield conn
-        except _CONNECTION_ERRORS as exc:
-            raise StoreUnavailable(f"Postgres unavailable: {describe(exc)}") from None
+        """A pooled connection inside a transaction; connection loss becomes `StoreUnavailable`."""
+        async with self._connection() as conn, conn.transaction():
+            yield conn
 
     @asynccontextmanager
     async def statement(self) -> AsyncIterator[Connection]:
@@ -125,10 +114,28 @@ class Database:
             async with self.transaction() as conn:
                 yield conn
             return
+        async with self._connection() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Connection]:
+        """A pooled connection, acquired within the timeout, never handed on broken.
+
+        A connection the server killed while it sat idle in the pool (a
+        restart, an idle timeout, a failover) surfaces on its next use,
+        sometimes only as asyncpg's "another operation is in progress": it is
+        terminated so the pool opens a fresh one, and the step fails transient.
+        A connection interrupted mid-query (cancelled, killed) is terminated by
+        the pool itself on release.
+        """
         try:
             async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
-                yield conn
-        except _CONNECTION_ERRORS as exc:
+                try:
+                    yield conn
+                except asyncpg.InternalClientError:
+                    conn.terminate()
+                    raise
+        except (*_CONNECTION_ERRORS, asyncpg.InternalClientError) as exc:
             raise StoreUnavailable(f"Postgres unavailable: {describe(exc)}") from None
 
     async def check(self) -> None:

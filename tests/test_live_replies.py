@@ -269,10 +269,13 @@ async def test_newer_job_supersedes_the_streaming_one_when_configured(
     finals = {e["jobId"]: e for _c, e in rec.events if e.get("type") == "ai_response"}
     assert finals[str(first.job_id)]["status"] == "stopped"
     assert finals[str(newer_id)]["status"] == "completed"
+    ours = (str(first.job_id), str(newer_id))  # other tests may share this Redis
     statuses = {
         e["jobId"]: e["status"]
         for c, e in rec.events
-        if c.endswith(":status") and e["status"] in ("completed", "cancelled")
+        if c.endswith(":status")
+        and e["status"] in ("completed", "cancelled")
+        and e["jobId"] in ours
     }
     assert statuses == {str(first.job_id): "cancelled", str(newer_id): "completed"}
 

@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 # One warning per this many seconds for repeated queue errors (a Redis outage
 # raises one per command), with a count of those left out.
 ERROR_LOG_INTERVAL_S = 5.0
+# A signal this soon after the first is the same signal delivered twice, not a second one.
+SECOND_SIGNAL_AFTER_S = 0.5
 # How long a worker waits before asking Redis again after a connection error.
 RUN_RETRY_DELAY_MS = 1_000
 
@@ -126,23 +128,39 @@ class QueueWorkers:
         self._grace_over.set()
 
     async def close(self, grace_s: float) -> None:
-        """Take no new job, wait up to `grace_s` for jobs in flight, then cancel them."""
-        closing: asyncio.Future[Any] = asyncio.gather(*(worker.close() for worker in self._workers))
+        """Take no new job, wait up to `grace_s` for jobs in flight, then cancel them.
+
+        The workers are paused first rather than closed: the package's `close()`
+        ends its loop, and the renewal of the locks of jobs still running with
+        it, as soon as no new job comes back, so a reply longer than the lock
+        would be handed to another worker in the middle of the grace period.
+        """
+        await asyncio.gather(*(worker.pause(do_not_wait_active=True) for worker in self._workers))
+        in_flight = [task for worker in self._workers for task in worker.processing]
+        drained: asyncio.Future[Any] = asyncio.ensure_future(_all_done(in_flight))
         grace_over: asyncio.Future[Any] = asyncio.ensure_future(self._grace_over.wait())
         await asyncio.wait(
-            [closing, grace_over], timeout=grace_s, return_when=asyncio.FIRST_COMPLETED
+            [drained, grace_over], timeout=grace_s, return_when=asyncio.FIRST_COMPLETED
         )
         grace_over.cancel()
-        if not closing.done():
+        drained.cancel()
+        force = self.jobs_in_flight > 0
+        if force:
+            cut = "cut short by a second signal" if self._grace_over.is_set() else "is over"
             logger.warning(
-                "Grace period of %g s is over; stopping %d jobs in flight, "
-                "they will be retried once their locks lapse",
+                "Grace period of %g s %s; stopping %d jobs in flight, "
+                "they will run again once their locks lapse",
                 grace_s,
+                cut,
                 self.jobs_in_flight,
             )
-            await asyncio.gather(*(worker.close(force=True) for worker in self._workers))
-        await asyncio.gather(closing, return_exceptions=True)
+        await asyncio.gather(*(worker.close(force=force) for worker in self._workers))
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def _all_done(tasks: list[asyncio.Future[Any]]) -> None:
+    if tasks:
+        await asyncio.wait(tasks)
 
 
 def _untrack_only_finished_runs(worker: Worker, runs: Runs) -> None:
@@ -168,18 +186,22 @@ class ShutdownSignals:
 
     Installed before anything connects, so a signal that arrives while the
     worker starts still ends it cleanly. The first signal resolves `received`;
-    a second one calls `on_second_signal`.
+    a second one, at least `SECOND_SIGNAL_AFTER_S` later, calls
+    `on_second_signal`: supervisors that signal a process and its group deliver
+    one signal twice at once, which is not an operator asking twice.
     """
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.received: asyncio.Future[str] = self._loop.create_future()
         self.on_second_signal: Callable[[], None] = lambda: None
+        self._first_at_s = 0.0
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(signum, self._handle, signum)
 
     def _handle(self, signum: signal.Signals) -> None:
-        if self.received.done():
-            self.on_second_signal()
-        else:
+        if not self.received.done():
+            self._first_at_s = self._loop.time()
             self.received.set_result(signum.name)
+        elif self._loop.time() - self._first_at_s >= SECOND_SIGNAL_AFTER_S:
+            self.on_second_signal()

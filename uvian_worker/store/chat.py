@@ -21,7 +21,9 @@ from uvian_worker.store.records import (
 # Marks the job row processing (unless it already ended) and reads everything
 # the prompt needs, in one round trip. `prior` sees the row as it was before
 # this statement, which tells a redelivered, already finished job apart.
-_BEGIN_CHAT = mark_processing_ctes("$6") + """, anchor as (
+_BEGIN_CHAT = (
+    mark_processing_ctes("$6")
+    + """, anchor as (
     select created_at from public.messages where id = $7 and conversation_id = $5
 )
 select
@@ -44,6 +46,7 @@ select
 from (values (1)) as one (x)
 left join public.conversations c on c.id = $5
 """
+)
 
 # Opens the reply at its first token, owned by this run. A reply another run
 # completed (or a user stopped) is never reopened; a failed or interrupted one

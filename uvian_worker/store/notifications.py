@@ -17,7 +17,9 @@ from uvian_worker.store.jobs import mark_processing_ctes, storable_json
 # sees the row as it was before this statement, which tells a redelivered,
 # already finished job apart. A notification naming no conversation needs no
 # membership.
-_BEGIN_NOTIFICATION = mark_processing_ctes("$7") + """
+_BEGIN_NOTIFICATION = (
+    mark_processing_ctes("$7")
+    + """
 select
     (select status from prior) as prior_status,
     (select output from prior) as prior_output,
@@ -26,6 +28,7 @@ select
         or exists (select 1 from public.conversation_members m
                    where m.conversation_id = $6 and m.profile_id = $5) as is_member
 """
+)
 
 # Stores the notification (when there is one) and completes the job row in one
 # statement (so one transaction). The table's unique (job_id, user_id) and the

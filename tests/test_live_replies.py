@@ -144,6 +144,7 @@ async def test_stop_closes_the_upstream_and_saves_the_partial_reply(
 
     chat, events, closed_s = await stop_mid_stream(database, simulator, settings)
 
+    print(f"stop to upstream closed ({protocol}): {closed_s * 1000:.1f} ms")
     assert 0 <= closed_s < 0.2, f"upstream closed {closed_s * 1000:.0f} ms after the stop"
     [final] = [e for _c, e in events if e.get("type") == "ai_response"]
     assert final["status"] == "stopped"

@@ -205,3 +205,125 @@ async def test_running_worker_serves_metrics_and_answers_health(
     assert health_status == 200
     assert alive.returncode == 0, alive.stderr
     assert gone.returncode == 1, gone.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "dsn", "expected"),
+    [
+        (
+            "run",
+            "postgresql://postgres@127.0.0.1:5432/no_such_db",
+            "uvian-worker: DATABASE_URL: InvalidCatalogNameError: "
+            'database "no_such_db" does not exist',
+        ),
+        (
+            "migrate",
+            "postgresql://no_such_role@127.0.0.1:5432/uvian_test",
+            "uvian-worker: DATABASE_URL: InvalidAuthorizationSpecificationError: "
+            'role "no_such_role"',
+        ),
+        (
+            "run",
+            "postgresql://postgres:pw@127.0.0.1:notaport/uvian_test",
+            "uvian-worker: DATABASE_URL: ValueError: ",
+        ),
+        (
+            "enqueue",
+            "postgresql://postgres@127.0.0.1:5432/postgres",
+            'uvian-worker: UndefinedTableError: relation "public.jobs" does not exist',
+        ),
+    ],
+    ids=["unknown database", "unknown role", "malformed port", "schema missing"],
+)
+def test_database_mistakes_end_in_one_line(command: str, dsn: str, expected: str) -> None:
+    args = [command]
+    if command == "enqueue":
+        ids = ["00000000-0000-4000-8000-000000000001"] * 3
+        args += [
+            "chat",
+            "--conversation-id",
+            ids[0],
+            "--user-id",
+            ids[1],
+            "--message-id",
+            ids[2],
+            "--message",
+            "hi",
+        ]
+    done = run_cli(
+        *args,
+        env={
+            "DATABASE_URL": dsn,
+            "REDIS_URL": "redis://127.0.0.1:6379/0",
+            "QUEUE_PREFIX": "uvian-test-mistakes",
+            "LLM_PROVIDER": "simulator",
+            "SIMULATOR_URL": "http://127.0.0.1:9",
+        },
+    )
+    assert done.returncode in (1, 2)
+    assert done.stderr.strip().splitlines()[-1].startswith(expected), done.stderr
+    assert "Traceback" not in done.stderr and ":pw@" not in done.stderr
+
+
+def test_migrate_gives_up_on_a_silent_server_within_the_connect_timeout() -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        done = run_cli(
+            "migrate",
+            env={
+                "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{port}/uvian_test",
+                "CONNECT_TIMEOUT_S": "1",
+            },
+        )
+    assert done.returncode == 2
+    assert (
+        done.stderr.strip() == "uvian-worker: DATABASE_URL: cannot connect to Postgres: timed out"
+    )
+    assert time.monotonic() - started < 5
+
+
+def test_busy_metrics_port_refuses_to_start_before_taking_jobs(
+    migrated_dsn: str, simulator: RunningSimulator
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = settings_for_test(simulator.url)
+        done = run_cli(
+            "run",
+            env=worker_env(settings) | {"METRICS_PORT": str(port), "METRICS_HOST": "127.0.0.1"},
+        )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"uvian-worker: METRICS_PORT: cannot listen on 127.0.0.1:{port}: address in use"
+    )
+    assert "Worker started" not in done.stderr
+
+
+async def test_signal_while_connecting_stops_at_once(migrated_dsn: str) -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        worker = WorkerProcess(
+            {
+                "DATABASE_URL": migrated_dsn,
+                "REDIS_URL": f"redis://127.0.0.1:{port}/0",  # accepts, never answers
+                "CONNECT_TIMEOUT_S": "30",
+                "LLM_PROVIDER": "simulator",
+                "SIMULATOR_URL": "http://127.0.0.1:9",
+                "LOG_FORMAT": "console",
+            }
+        )
+        await worker.start(wait_for=None)
+        # Nothing to await from a process that is stuck connecting; give it a moment.
+        await asyncio.sleep(1.0)
+        started = time.monotonic()
+        code = await worker.stop(signal.SIGINT)
+    assert code == 0, worker.output
+    assert time.monotonic() - started < 2
+    assert "Stopped on SIGINT before the worker started" in worker.output

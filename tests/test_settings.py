@@ -90,3 +90,13 @@ def test_redis_url_is_built_from_host_port_and_password() -> None:
 def test_unknown_log_level_is_refused() -> None:
     with pytest.raises(ConfigError, match="LOG_LEVEL is invalid"):
         load(llm_provider="simulator", simulator_url="http://s", log_level="chatty")
+
+
+@pytest.mark.parametrize("name", ["openai_base_url", "simulator_url", "runpod_endpoint_url"])
+def test_provider_urls_must_be_http_urls(name: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(**{"llm_provider": "simulator", "simulator_url": "http://s", name: "127.0.0.1:8499"})
+    assert (
+        str(caught.value)
+        == f"{name.upper()} is invalid: must be an http:// or https:// URL with a host"
+    )

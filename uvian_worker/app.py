@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from typing import Any
 
 from bullmq import Queue
 
@@ -159,6 +161,9 @@ class WorkerApp:
         return str(await self.chat_queue.getJobState(job_id))
 
     async def start(self) -> None:
+        # Everything that can refuse to start goes first, before any job is taken.
+        if self.settings.metrics_port is not None:
+            await self._serve_metrics(self.settings.metrics_port)
         await self.control.start()
         self._stack.push_async_callback(self.control.close)
         self.queues.start()
@@ -169,11 +174,6 @@ class WorkerApp:
             self.metrics, self.events_redis, self.settings.queue_prefix, self.settings.queue_names
         )
         self._background.append(asyncio.create_task(counts, name="queue-counts"))
-        if self.settings.metrics_port is not None:
-            server = await start_metrics_server(
-                self.metrics, "0.0.0.0", self.settings.metrics_port, HealthCheck(self.heartbeat)
-            )
-            self._stack.push_async_callback(server.stop)
         logger.info(
             "Worker started",
             extra={
@@ -183,6 +183,17 @@ class WorkerApp:
                 "provider": resolve_provider(self.settings).value,
             },
         )
+
+    async def _serve_metrics(self, port: int) -> None:
+        host = self.settings.metrics_host
+        try:
+            server = await start_metrics_server(
+                self.metrics, host, port, HealthCheck(self.heartbeat)
+            )
+        except OSError as exc:
+            reason = "address in use" if exc.errno == errno.EADDRINUSE else type(exc).__name__
+            raise ConfigError(f"METRICS_PORT: cannot listen on {host}:{port}: {reason}") from None
+        self._stack.push_async_callback(server.stop)
 
     async def close(self, grace_s: float) -> None:
         self._taking_jobs = False
@@ -199,7 +210,16 @@ class WorkerApp:
 
 async def run_worker(settings: Settings) -> None:
     signals = ShutdownSignals()
-    app = await WorkerApp.create(settings)
+    creating = asyncio.ensure_future(WorkerApp.create(settings))
+    waits: list[asyncio.Future[Any]] = [creating, signals.received]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    if not creating.done():
+        # Stopped while still connecting (a slow or absent service): nothing to drain.
+        creating.cancel()
+        await asyncio.gather(creating, return_exceptions=True)
+        logger.info("Stopped on %s before the worker started", signals.received.result())
+        return
+    app = creating.result()
     await app.start()
     signals.on_second_signal = app.queues.skip_grace
     signal_name = await signals.received

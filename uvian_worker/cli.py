@@ -15,14 +15,19 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+import asyncpg
+
 from uvian_worker import __version__
-from uvian_worker.errors import ConfigError
+from uvian_worker.errors import ConfigError, StoreUnavailable, WorkerError
 from uvian_worker.observability.logs import configure_logging
+from uvian_worker.observability.redaction import redact
 from uvian_worker.settings import load_settings
+from uvian_worker.store.database import describe
 
 logger = logging.getLogger(__name__)
 
 EXIT_CONFIG = 2
+EXIT_FAILED = 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,8 +36,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run_async(command(args))
     except ConfigError as exc:
-        print(f"uvian-worker: {exc}", file=sys.stderr)
+        print(f"uvian-worker: {redact(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
+    except (WorkerError, asyncpg.PostgresError) as exc:
+        # Postgres or Redis refused an operator command: one line, not a traceback.
+        print(f"uvian-worker: {redact(describe(exc))}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
 
@@ -130,12 +139,15 @@ async def _cmd_migrate(args: argparse.Namespace) -> int:
     from uvian_worker.store import migrations
 
     dsn = settings.database_url.get_secret_value()
+    timeout_s = settings.connect_timeout_s
     try:
         if args.create_database:
-            await migrations.create_database_if_missing(dsn)
-        applied = await migrations.apply_migrations(dsn)
-    except OSError as exc:
-        raise ConfigError(f"DATABASE_URL: cannot connect to Postgres: {exc.strerror}") from None
+            await migrations.create_database_if_missing(dsn, timeout_s=timeout_s)
+        applied = await migrations.apply_migrations(dsn, timeout_s=timeout_s)
+    except StoreUnavailable as exc:
+        raise ConfigError(f"DATABASE_URL: {exc}") from None
+    except asyncpg.PostgresError as exc:
+        raise ConfigError(f"DATABASE_URL: {describe(exc)}") from None
     logger.info("Migrations up to date", extra={"applied_now": applied})
     return 0
 
@@ -152,8 +164,10 @@ async def _cmd_simulator(args: argparse.Namespace) -> int:
         reply_tokens=args.reply_tokens,
     )
     signals = ShutdownSignals()
-    simulator = await start_simulator(config, host=args.host, port=args.port)
-    logger.info("Simulator listening", extra={"url": simulator.url})
+    try:
+        simulator = await start_simulator(config, host=args.host, port=args.port)
+    except OSError as exc:
+        raise ConfigError(f"--port: cannot listen on {args.host}:{args.port}: {exc}") from None
     await signals.received
     await simulator.stop()
     return 0

@@ -118,6 +118,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: LogFormat = LogFormat.AUTO
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"  # all interfaces, so a scraper outside the container reaches it
     worker_name: str | None = None
 
     @field_validator("log_level")
@@ -134,6 +135,16 @@ class Settings(BaseSettings):
         scheme = urlsplit(value.get_secret_value()).scheme
         if scheme not in {"postgres", "postgresql"}:
             raise ValueError("must be a postgresql:// connection string")
+        return value
+
+    @field_validator("openai_base_url", "simulator_url", "runpod_endpoint_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
         return value
 
     @field_validator("redis_url")

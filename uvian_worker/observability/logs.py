@@ -116,5 +116,5 @@ def configure_logging(level: str = "INFO", log_format: str = "auto") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # Libraries that narrate every request at INFO would bury the job lines.
-    for noisy in ("aiohttp.access", "asyncio"):
+    for noisy in ("aiohttp.access", "asyncio", "redis"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

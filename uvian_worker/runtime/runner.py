@@ -8,6 +8,7 @@ lets the job's attempts and backoff decide whether it runs again.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
@@ -129,6 +130,12 @@ class JobRunner:
             try:
                 context = self._context(job, attempt, max_attempts, stop)
                 result = await self._execute(job, context)
+            except asyncio.CancelledError:
+                logger.warning(
+                    "Job stopped by the shutdown; it runs again once its lock lapses",
+                    extra={"outcome": outcome, "duration_ms": _ms(started_s)},
+                )
+                raise
             except ReplySuperseded as exc:
                 # This run lost its job to a newer run (its lock lapsed), which
                 # records the outcome; BullMQ refuses this run's verdict anyway.
@@ -224,7 +231,8 @@ class JobRunner:
                 attempt, base_delay_ms=base_delay_ms(job.opts), retry_after_s=retry_after_s
             )
         message = redact(str(exc) or exc.kind)
-        log = logger.warning if will_retry else logger.error
+        # A stop on request is not an error; a failure with attempts left is a warning.
+        log = logger.warning if will_retry or isinstance(exc, JobCancelled) else logger.error
         log(
             "Job %s: %s",
             f"attempt failed, retrying in {delay_ms} ms" if will_retry else status,

@@ -24,7 +24,7 @@ from typing import Any
 
 import asyncpg
 
-from uvian_worker.errors import StoreUnavailable
+from uvian_worker.errors import ConfigError, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,24 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.DeadlockDetectedError,
 )
+
+
+# What Postgres says of a connection string that can never work: an unknown
+# database, role or parameter, a refused password, a malformed URL.
+_SETTING_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.ClientConfigurationError,
+    ValueError,
+)
+
+
+async def connect_once(dsn: str, *, timeout_s: float) -> Any:
+    """One connection outside any pool (migrations, creating the database), its errors
+    translated as the pool's are."""
+    try:
+        return await asyncpg.connect(dsn, statement_cache_size=0, timeout=timeout_s)
+    except _CONNECTION_ERRORS as exc:
+        raise StoreUnavailable(f"cannot connect to Postgres: {describe(exc)}") from None
 
 
 class _PoolerSafeConnection(asyncpg.Connection):  # type: ignore[misc]
@@ -92,6 +110,8 @@ class Database:
             )
         except _CONNECTION_ERRORS as exc:
             raise StoreUnavailable(f"cannot connect to Postgres: {describe(exc)}") from None
+        except _SETTING_ERRORS as exc:
+            raise ConfigError(f"DATABASE_URL: {describe(exc)}") from None
         return cls(pool, acquire_timeout_s=acquire_timeout_s, behind_pooler=behind_pooler)
 
     async def close(self) -> None:

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import asyncpg
 
+from uvian_worker.errors import ConfigError
+from uvian_worker.store.database import connect_once
+
 logger = logging.getLogger(__name__)
 
 _FILE_NAME = re.compile(r"^(?P<version>\d+)_(?P<name>[\w-]+)\.sql$")
@@ -47,7 +50,10 @@ def default_migrations_dir() -> Path:
     for candidate in (here.parents[2] / "supabase" / "migrations", here.parent / "sql"):
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError("no supabase/migrations folder found")
+    raise ConfigError(
+        "no supabase/migrations folder found beside the package; run `migrate` from a "
+        "checkout or the Docker image"
+    )
 
 
 def discover(folder: Path) -> list[Migration]:
@@ -60,10 +66,12 @@ def discover(folder: Path) -> list[Migration]:
     return found
 
 
-async def apply_migrations(dsn: str, folder: Path | None = None) -> list[str]:
+async def apply_migrations(
+    dsn: str, folder: Path | None = None, *, timeout_s: float = 10.0
+) -> list[str]:
     """Apply every pending migration; returns the versions applied now."""
     migrations = discover(folder or default_migrations_dir())
-    conn = await asyncpg.connect(dsn, statement_cache_size=0)
+    conn = await connect_once(dsn, timeout_s=timeout_s)
     try:
         await conn.execute(_CREATE_HISTORY)
         return [m.version for m in migrations if await _apply_one(conn, m)]
@@ -94,10 +102,10 @@ async def _apply_one(conn: asyncpg.Connection, migration: Migration) -> bool:
     return True
 
 
-async def create_database_if_missing(dsn: str) -> bool:
+async def create_database_if_missing(dsn: str, *, timeout_s: float = 10.0) -> bool:
     """Create the database the DSN names, connecting to `postgres` to do it (development aid)."""
     try:
-        conn = await asyncpg.connect(dsn, statement_cache_size=0)
+        conn = await connect_once(dsn, timeout_s=timeout_s)
     except asyncpg.InvalidCatalogNameError:
         pass
     else:
@@ -105,7 +113,8 @@ async def create_database_if_missing(dsn: str) -> bool:
         return False
 
     name = dsn.rsplit("/", 1)[1].split("?", 1)[0]
-    admin = await asyncpg.connect(dsn.rsplit("/", 1)[0] + "/postgres", statement_cache_size=0)
+    admin_dsn = dsn.rsplit("/", 1)[0] + "/postgres"
+    admin = await connect_once(admin_dsn, timeout_s=timeout_s)
     try:
         await admin.execute(f'create database "{name}"')
     except asyncpg.DuplicateDatabaseError:

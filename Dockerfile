@@ -20,12 +20,9 @@ RUN pip install -r requirements.lock
 
 COPY pyproject.toml README.md ./
 COPY uvian_worker ./uvian_worker
+# The wheel carries supabase/migrations, so `uvian-worker migrate` works in the image.
 COPY supabase ./supabase
-# `uvian-worker migrate` looks for the migrations beside the installed package;
-# the copy can go once the package itself ships them.
-RUN pip install --no-deps . \
-    && cp -r supabase/migrations \
-        "$(python -c 'import uvian_worker.store as s, os; print(os.path.dirname(s.__file__))')/sql"
+RUN pip install --no-deps .
 
 USER uvian:uvian
 

@@ -45,11 +45,11 @@ class Migration:
 
 
 def default_migrations_dir() -> Path:
-    """`supabase/migrations` of the checkout, or the copy installed beside the package."""
-    here = Path(__file__).resolve()
-    for candidate in (here.parents[2] / "supabase" / "migrations", here.parent / "sql"):
-        if candidate.is_dir():
-            return candidate
+    """`supabase/migrations` of the checkout, or the copy the wheel installs beside the package."""
+    # In a checkout and in site-packages alike, `supabase/` stands beside `uvian_worker/`.
+    candidate = Path(__file__).resolve().parents[2] / "supabase" / "migrations"
+    if candidate.is_dir():
+        return candidate
     raise ConfigError(
         "no supabase/migrations folder found beside the package; run `migrate` from a "
         "checkout or the Docker image"

@@ -240,7 +240,7 @@ async def test_job_id_that_is_not_a_uuid_fails_cleanly(simulator: RunningSimulat
         event, fields = await watcher.finished("not-a-uuid")
         state, job = await job_state(settings, "not-a-uuid")
     assert event == "failed" and state == "failed"
-    assert "job id 'not-a-uuid' is not a UUID" in fields["failedReason"]
+    assert fields["failedReason"] == "job id 'not-a-uuid' is not a UUID in its canonical form"
     assert job.attemptsMade == 1
 
 

@@ -331,3 +331,25 @@ async def test_stop_before_the_first_token_leaves_no_reply(
     ]
     assert not [e for _c, e in rec.events if e.get("type") in ("ai_delta", "ai_response")]
     assert await reply_row(database, chat) is None
+
+
+async def test_stray_bytes_on_the_cancel_channel_do_not_deafen_the_worker(
+    database: Database, simulator: RunningSimulator
+) -> None:
+    chat = await seed_chat_job(database, "Go on [[sim:tokens=2000]] [[sim:tps=50]]")
+    settings = settings_for_test(simulator.url)
+    publisher = redis.Redis.from_url(TEST_REDIS_URL)
+    try:
+        async with (
+            record_events(f"job:{chat.job_id}:status") as rec,
+            running_worker(settings) as app,
+        ):
+            await app.control.ready.wait()
+            await publisher.publish("job:not-a-job:cancel", b"\xff\xfe not UTF-8")
+            await enqueue(settings, "ai-chat", chat.data, str(chat.job_id))
+            await rec.wait_for(lambda c, e: e["status"] == "processing")
+            await publisher.publish(f"job:{chat.job_id}:cancel", "stop")
+            [(_c, final)] = await rec.wait_for(final_status(chat.job_id))
+    finally:
+        await publisher.aclose()
+    assert final["status"] == "cancelled"

@@ -37,6 +37,9 @@ def make_redis(url: str, *, connect_timeout_s: float, max_connections: int = 64)
         max_connections=max_connections,
         timeout=None,
         decode_responses=True,
+        # Bytes that are not UTF-8 (a producer writing the job hash by hand, a
+        # stray publish) must not break a connection's reader: they decode as U+FFFD.
+        encoding_errors="replace",
         socket_timeout=None,
         socket_connect_timeout=connect_timeout_s,
         socket_keepalive=True,

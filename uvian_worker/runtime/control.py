@@ -140,15 +140,25 @@ class ControlChannel:
                 delay_s = 0.1
                 async for message in pubsub.listen():
                     if message["type"] == "pmessage":
-                        self._dispatch(message)
-            except (RedisError, OSError) as exc:
+                        self._dispatch_safely(message)
+            except Exception as exc:
+                # Stop requests must keep being heard, whatever happened to the connection.
                 self.ready.clear()
-                logger.warning("Control channel lost (%s); reconnecting", type(exc).__name__)
+                if isinstance(exc, RedisError | OSError):
+                    logger.warning("Control channel lost (%s); reconnecting", type(exc).__name__)
+                else:
+                    logger.exception("Control channel failed; reconnecting")
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, _RECONNECT_MAX_S)
             finally:
                 with suppress(RedisError, OSError):
                     await pubsub.aclose()
+
+    def _dispatch_safely(self, message: dict[str, Any]) -> None:
+        try:
+            self._dispatch(message)
+        except Exception:
+            logger.exception("Ignoring a control message that could not be handled")
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         channel = _text(message["channel"])

@@ -20,6 +20,7 @@ from bullmq import Worker
 
 from uvian_worker.observability.logs import LogThrottle
 from uvian_worker.runtime.connections import make_redis
+from uvian_worker.runtime.guarded_worker import GuardedWorker
 from uvian_worker.runtime.retry import backoff_strategy
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class QueueWorkers:
 
     def start(self) -> None:
         for queue in self._queues:
-            worker = Worker(queue.name, self._runs.process, self._worker_options(queue))
+            worker = GuardedWorker(queue.name, self._runs.process, self._worker_options(queue))
             worker.on("error", self._on_error)
             worker.on("lockRenewalFailed", self._runs.lock_lost)
             _untrack_only_finished_runs(worker, self._runs)

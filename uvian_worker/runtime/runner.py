@@ -116,9 +116,12 @@ class JobRunner:
 
     async def process(self, job: Job, token: str) -> dict[str, Any]:
         attempt = int(job.attemptsMade) + 1
-        max_attempts = max(int(job.opts.get("attempts") or 1), 1)
+        max_attempts = _max_attempts(job.opts.get("attempts"))
+        # BullMQ compares this option with numbers when an attempt fails; a string
+        # or a huge value stored by a producer would break that comparison.
+        job.opts["attempts"] = max_attempts
         with (
-            bind_job(job_id=job.id, job_name=job.name, attempt=attempt),
+            bind_job(job_id=str(job.id)[:100], job_name=str(job.name)[:100], attempt=attempt),
             self._stops.track(str(job.id)) as stop,
             self._running(str(job.id), token, stop),
         ):
@@ -199,7 +202,7 @@ class JobRunner:
         executor = self._executors.get(name)
         if executor is None:
             known = ", ".join(sorted(self._executors))
-            raise InvalidInput(f"unknown job name {name!r} (this worker runs: {known})")
+            raise InvalidInput(f"unknown job name {str(name)[:100]!r} (this worker runs: {known})")
         return executor
 
     def _context(self, job: Job, attempt: int, max_attempts: int, stop: StopSignal) -> JobContext:
@@ -309,8 +312,9 @@ def _failure_status(exc: WorkerError, will_retry: bool) -> str:
 
 def _job_uuid(job: Job) -> UUID:
     job_id = _maybe_uuid(job.id)
-    if job_id is None:
-        raise InvalidInput(f"job id {str(job.id)[:80]!r} is not a UUID")
+    if job_id is None or str(job_id) != job.id:
+        # The canonical form only: events are published on channels named by the id.
+        raise InvalidInput(f"job id {str(job.id)[:80]!r} is not a UUID in its canonical form")
     data_id = job.data.get("jobId") if isinstance(job.data, dict) else None
     if data_id is not None and str(data_id) != str(job.id) and _maybe_uuid(data_id) != job_id:
         raise InvalidInput("data.jobId does not match the BullMQ job id")
@@ -331,6 +335,18 @@ def _maybe_uuid(value: Any) -> UUID | None:
         return UUID(str(value))
     except ValueError:
         return None
+
+
+MAX_ATTEMPTS_CAP = 100
+
+
+def _max_attempts(value: Any) -> int:
+    """The job's `attempts` option as a sane integer, whatever the producer stored."""
+    try:
+        attempts = int(float(value)) if value is not None else 1
+    except (TypeError, ValueError, OverflowError):
+        return 1
+    return min(max(attempts, 1), MAX_ATTEMPTS_CAP)
 
 
 def _queue_ms(job: Job) -> int | None:

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from uvian_worker.errors import ConfigError
+from uvian_worker.observability.redaction import register_secret
 from uvian_worker.settings import (
     ProviderName,
     Settings,
@@ -100,3 +101,29 @@ def test_provider_urls_must_be_http_urls(name: str) -> None:
         str(caught.value)
         == f"{name.upper()} is invalid: must be an http:// or https:// URL with a host"
     )
+
+
+@pytest.mark.parametrize("name", ["database_url", "redis_url"])
+def test_password_breaking_the_url_is_named_but_never_quoted(name: str) -> None:
+    scheme = "postgresql" if name == "database_url" else "redis"
+    url = f"{scheme}://user:Secr3tPart/Rest@host:5432/db"
+    with pytest.raises(ConfigError) as caught:
+        load(**{"llm_provider": "simulator", "simulator_url": "http://s", name: url})
+    assert str(caught.value) == (
+        f"{name.upper()} is invalid: its port is not a number (a password containing "
+        "/ ? # @ or : must be percent-encoded)"
+    )
+    assert "Secr3t" not in str(caught.value)
+
+
+def test_json_log_lines_redact_secrets_that_json_would_escape() -> None:
+    import logging
+
+    from uvian_worker.observability.logs import JsonFormatter
+
+    register_secret('Tr0ub4dor"&\\3')
+    record = logging.makeLogRecord(
+        {"msg": 'auth failed with Tr0ub4dor"&\\3', "levelname": "WARNING"}
+    )
+    line = JsonFormatter().format(record)
+    assert "Tr0ub4dor" not in line and "[redacted]" in line

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import SplitResult, quote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -132,9 +132,10 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _postgres_url(cls, value: SecretStr) -> SecretStr:
-        scheme = urlsplit(value.get_secret_value()).scheme
-        if scheme not in {"postgres", "postgresql"}:
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in {"postgres", "postgresql"}:
             raise ValueError("must be a postgresql:// connection string")
+        _check_port(parts)
         return value
 
     @field_validator("openai_base_url", "simulator_url", "runpod_endpoint_url")
@@ -150,8 +151,12 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:
-        if value is not None and urlsplit(value).scheme not in {"redis", "rediss", "unix"}:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in {"redis", "rediss", "unix"}:
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        _check_port(parts)
         return value
 
     @property
@@ -184,6 +189,16 @@ class Settings(BaseSettings):
         return (self.chat_queue, self.notification_queue)
 
 
+def _check_port(parts: SplitResult) -> None:
+    """A port that is not a number; the text never quotes it: it may be half a password."""
+    try:
+        parts.port  # noqa: B018 - parsing is the check
+    except ValueError:
+        raise ValueError(
+            "its port is not a number (a password containing / ? # @ or : must be percent-encoded)"
+        ) from None
+
+
 def load_settings(*, require_provider: bool = True, **overrides: Any) -> Settings:
     """Read and check every setting; the first problem becomes one `ConfigError` line.
 
@@ -204,7 +219,13 @@ def _register_secrets(settings: Settings) -> None:
     for secret in (settings.runpod_api_key, settings.openai_api_key, settings.redis_password):
         register_secret(secret.get_secret_value() if secret else None)
     register_url_password(settings.database_url.get_secret_value())
-    register_url_password(settings.redis_url)
+    for url in (
+        settings.redis_url,
+        settings.openai_base_url,
+        settings.simulator_url,
+        settings.runpod_endpoint_url,
+    ):
+        register_url_password(url)
 
 
 def _first_problem(exc: ValidationError) -> str:

@@ -75,18 +75,19 @@ def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return redact(self._format(record))
-
-    def _format(self, record: logging.LogRecord) -> str:
+        # Redacted field by field, before JSON escaping could change a secret's spelling.
+        extras = {
+            k: redact(v) if isinstance(v, str) else v for k, v in _extra_fields(record).items()
+        }
         line: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
-            **_extra_fields(record),
+            "msg": redact(record.getMessage()),
+            **extras,
         }
         if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
+            line["exc"] = redact(self.formatException(record.exc_info))
         return orjson.dumps(line, default=str).decode()
 
 

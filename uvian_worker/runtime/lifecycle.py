@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from bullmq import Worker
 
 from uvian_worker.observability.logs import LogThrottle
+from uvian_worker.observability.redaction import redact
 from uvian_worker.runtime.connections import make_redis
 from uvian_worker.runtime.guarded_worker import GuardedWorker
 from uvian_worker.runtime.retry import backoff_strategy
@@ -73,7 +74,10 @@ class _ErrorLog:
         left_out = self._throttle.allow(kind)
         if left_out is not None:
             logger.warning(
-                "Queue error: %s: %s", kind, str(error)[:200], extra={"repeats_left_out": left_out}
+                "Queue error: %s: %s",
+                kind,
+                redact(str(error))[:200],
+                extra={"repeats_left_out": left_out},
             )
 
 

@@ -10,12 +10,19 @@ from tests.support import TEST_REDIS_URL, enqueue, record_events, seed_chat_job,
 from uvian_worker.app import WorkerApp
 from uvian_worker.executors.chat import reply_message_id
 from uvian_worker.providers.simulator import RunningSimulator
+from uvian_worker.settings import Settings
 from uvian_worker.store.chat import ChatRepository
 from uvian_worker.store.database import Database
 from uvian_worker.store.records import ReplyRecord
 
 
-async def abandon_reply(database: Database, minutes_ago: int = 5) -> tuple[object, ReplyRecord]:
+def queue_of(settings: Settings) -> str:
+    return f"{settings.queue_prefix}:{settings.chat_queue}"
+
+
+async def abandon_reply(
+    database: Database, queue: str, minutes_ago: int = 5
+) -> tuple[object, ReplyRecord]:
     """A reply a run opened and never ended (its worker died), last written `minutes_ago`."""
     chat = await seed_chat_job(database)
     record = ReplyRecord(
@@ -26,7 +33,7 @@ async def abandon_reply(database: Database, minutes_ago: int = 5) -> tuple[objec
         reply_to_id=chat.message_id,
         content="",
         status="generating",
-        metadata={"provider": "simulator"},
+        metadata={"provider": "simulator", "queue": queue},
     )
     repository = ChatRepository(database)
     assert await repository.start_reply(record)
@@ -53,8 +60,8 @@ async def status_of(database: Database, record: ReplyRecord) -> str:
 async def test_reply_of_a_vanished_job_is_interrupted_once(
     database: Database, simulator: RunningSimulator
 ) -> None:
-    _chat, record = await abandon_reply(database)
     settings = settings_for_test(simulator.url, sweep_stale_after_s=60)
+    _chat, record = await abandon_reply(database, queue_of(settings))
     app = await WorkerApp.create(settings)
     client = redis.Redis.from_url(TEST_REDIS_URL, decode_responses=True)
     try:
@@ -77,8 +84,8 @@ async def test_reply_of_a_vanished_job_is_interrupted_once(
 async def test_reply_whose_job_will_still_run_is_left_alone(
     database: Database, simulator: RunningSimulator
 ) -> None:
-    chat, record = await abandon_reply(database)
     settings = settings_for_test(simulator.url)
+    chat, record = await abandon_reply(database, queue_of(settings))
     await enqueue(settings, "ai-chat", chat.data, str(chat.job_id))  # waiting; no worker runs
     app = await WorkerApp.create(settings)
     try:
@@ -91,7 +98,20 @@ async def test_reply_whose_job_will_still_run_is_left_alone(
 async def test_recently_written_reply_is_left_alone(
     database: Database, simulator: RunningSimulator
 ) -> None:
-    _chat, record = await abandon_reply(database, minutes_ago=0)
+    settings = settings_for_test(simulator.url, sweep_stale_after_s=60)
+    _chat, record = await abandon_reply(database, queue_of(settings), minutes_ago=0)
+    app = await WorkerApp.create(settings)
+    try:
+        await app.sweeper.sweep_once()
+    finally:
+        await app.close(0)
+    assert await status_of(database, record) == "generating"
+
+
+async def test_reply_of_another_queue_is_left_to_that_queue_s_workers(
+    database: Database, simulator: RunningSimulator
+) -> None:
+    _chat, record = await abandon_reply(database, "someone-else:ai-jobs")
     app = await WorkerApp.create(settings_for_test(simulator.url, sweep_stale_after_s=60))
     try:
         await app.sweeper.sweep_once()

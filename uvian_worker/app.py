@@ -134,6 +134,7 @@ class WorkerApp:
             SweepRepository(database),
             self._chat_job_state,
             publisher,
+            queue=f"{settings.queue_prefix}:{settings.chat_queue}",
             interval_s=settings.sweep_interval_s,
             stale_after_s=settings.sweep_stale_after_s,
         )

@@ -53,6 +53,7 @@ class JobContext:
     input: dict[str, Any]
     attempt: int  # 1 for the first attempt
     max_attempts: int
+    queue: str = ""  # the BullMQ queue it came from, with its prefix ("bull:ai-jobs")
     report_progress: ProgressReporter = _no_progress
     stop: StopSignal = field(default_factory=StopSignal)
     # Where the attempt's time went (`db_ms`, `provider_ms`, ...), for its closing log line.

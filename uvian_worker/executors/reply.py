@@ -278,7 +278,12 @@ class LiveReply:
             await asyncio.wait([self._timer_task])
 
     def _opening_metadata(self) -> dict[str, Any]:
-        return {"provider": self._target.provider, "jobId": str(self._job.job_id)}
+        # `queue` tells the reply sweep which workers may judge whether the job is gone.
+        return {
+            "provider": self._target.provider,
+            "jobId": str(self._job.job_id),
+            "queue": self._job.queue,
+        }
 
     def _record(
         self, status: str, content: str, metadata: dict[str, Any] | None = None

@@ -215,6 +215,7 @@ class JobRunner:
             input=_job_input(job.data),
             attempt=attempt,
             max_attempts=max_attempts,
+            queue=str(getattr(job.queue, "qualifiedName", "")),
             report_progress=report_progress,
             stop=stop,
         )

@@ -31,7 +31,9 @@ JobStateReader = Callable[[str], Awaitable[str]]
 
 
 class SweepStore(Protocol):
-    async def stale_replies(self, stale_after_s: float, limit: int) -> list[StaleReply]: ...
+    async def stale_replies(
+        self, queue: str, stale_after_s: float, limit: int
+    ) -> list[StaleReply]: ...
 
     async def interrupt(self, reply: StaleReply) -> bool: ...
 
@@ -43,12 +45,14 @@ class ReplySweeper:
         job_state: JobStateReader,
         publisher: Publisher,
         *,
+        queue: str,
         interval_s: float,
         stale_after_s: float,
     ) -> None:
         self._store = store
         self._job_state = job_state
         self._publisher = publisher
+        self._queue = queue
         self._interval_s = interval_s
         self._stale_after_s = stale_after_s
 
@@ -67,7 +71,8 @@ class ReplySweeper:
     async def sweep_once(self) -> int:
         """End every abandoned reply found now; returns how many were ended."""
         ended = 0
-        for reply in await self._store.stale_replies(self._stale_after_s, _BATCH):
+        stale = await self._store.stale_replies(self._queue, self._stale_after_s, _BATCH)
+        for reply in stale:
             state = await self._job_state(str(reply.job_id))
             if state in _LIVE_STATES:
                 continue

@@ -107,11 +107,13 @@ update public.messages
  where job_id = $1 and run_id = $2 and status = 'generating'
 """
 
-# Replies left generating with no write for a while: candidates for the sweep.
+# Replies of one queue left generating with no write for a while: candidates for
+# the sweep. Only workers of the reply's own queue can tell whether its job is gone.
 _STALE_REPLIES = """
 select id, job_id, run_id, conversation_id, reply_to_id, content, updated_at
   from public.messages
  where status = 'generating' and updated_at < now() - make_interval(secs => $1)
+   and metadata ->> 'queue' = $3
  order by updated_at
  limit $2
 """
@@ -244,9 +246,11 @@ class SweepRepository:
     def __init__(self, database: Database) -> None:
         self._database = database
 
-    async def stale_replies(self, stale_after_s: float, limit: int) -> list[StaleReply]:
+    async def stale_replies(
+        self, queue: str, stale_after_s: float, limit: int
+    ) -> list[StaleReply]:
         async with self._database.statement() as conn:
-            rows = await conn.fetch(_STALE_REPLIES, stale_after_s, limit)
+            rows = await conn.fetch(_STALE_REPLIES, stale_after_s, limit, queue)
         return [StaleReply(**dict(row)) for row in rows]
 
     async def interrupt(self, reply: StaleReply) -> bool:

@@ -179,3 +179,54 @@ async def test_request_too_long_for_the_model_fails_without_retry(
 
     assert state == "failed" and job.attemptsMade == 1
     assert job.failedReason.startswith("message is too long for the model's context: ")
+
+
+async def test_stop_between_attempts_ends_the_earlier_attempts_reply(
+    database: Database, simulator: RunningSimulator
+) -> None:
+    import redis.asyncio as redis
+
+    from tests.support import TEST_REDIS_URL
+
+    chat = await seed_chat_job(database, "Breaks once [[sim:fault=truncate]]")
+    settings = settings_for_test(simulator.url)
+    publisher = redis.Redis.from_url(TEST_REDIS_URL)
+    try:
+        async with (
+            record_events(f"job:{chat.job_id}:*", f"conversation:{chat.conversation_id}:*") as rec,
+            running_worker(settings),
+        ):
+            await enqueue(
+                settings, "ai-chat", chat.data, str(chat.job_id), attempts=3, backoff_ms=1500
+            )
+            await rec.wait_for(lambda c, e: e.get("willRetry") is True)
+            await publisher.publish(f"job:{chat.job_id}:cancel", "not needed any more")
+            await rec.wait_for(final_status(chat.job_id))
+    finally:
+        await publisher.aclose()
+    [final] = [e for _c, e in rec.events if e.get("type") == "ai_response"]
+    assert final["status"] == "stopped" and final["content"]
+    assert statuses(chat, rec.events)[-1]["status"] == "cancelled"
+    async with database.transaction() as conn:
+        reply = await conn.fetchrow("select * from public.messages where job_id = $1", chat.job_id)
+    assert reply["status"] == "stopped" and reply["content"] == final["content"]
+
+
+async def test_last_attempt_failing_before_text_ends_the_earlier_attempts_reply(
+    database: Database, simulator: RunningSimulator
+) -> None:
+    chat = await seed_chat_job(database, "Breaks, then the server is gone [[sim:fault=truncate]]")
+    settings = settings_for_test(simulator.url)
+    async with (
+        record_events(f"job:{chat.job_id}:*", f"conversation:{chat.conversation_id}:*") as rec,
+        running_worker(settings),
+    ):
+        await enqueue(settings, "ai-chat", chat.data, str(chat.job_id), attempts=2, backoff_ms=1500)
+        await rec.wait_for(lambda c, e: e.get("willRetry") is True)
+        await simulator.stop()  # the second attempt finds no server: no text at all
+        await rec.wait_for(final_status(chat.job_id))
+    [final] = [e for _c, e in rec.events if e.get("type") == "ai_response"]
+    assert final["status"] == "failed" and final["content"]
+    async with database.transaction() as conn:
+        reply = await conn.fetchrow("select * from public.messages where job_id = $1", chat.job_id)
+    assert reply["status"] == "failed"

@@ -41,10 +41,16 @@ from uvian_worker.executors.base import JobContext
 from uvian_worker.executors.context import FittedPrompt, TokenCounter, estimate_usage, fit_prompt
 from uvian_worker.executors.inputs import ChatInput, check_text, parse_input
 from uvian_worker.executors.prompt import system_message
-from uvian_worker.executors.reply import LiveReply, ReplyOptions, ReplyStore, ReplyTarget
+from uvian_worker.executors.reply import (
+    LiveReply,
+    ReplyOptions,
+    ReplyStore,
+    ReplyTarget,
+    publish_final,
+)
 from uvian_worker.providers.base import Provider, ReplyRequest
 from uvian_worker.providers.deadlines import Deadlines, consume_stream
-from uvian_worker.store.records import ChatContext, SavedReply
+from uvian_worker.store.records import ChatContext, SavedReply, StaleReply
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +77,8 @@ class ChatStore(ReplyStore, Protocol):
     ) -> ChatContext: ...
 
     async def get_reply(self, job_id: UUID) -> SavedReply | None: ...
+
+    async def end_leftover_reply(self, job_id: UUID, status: str) -> StaleReply | None: ...
 
 
 class Turns(Protocol):
@@ -238,6 +246,8 @@ class ChatExecutor:
     ) -> None:
         """A failed attempt: end the reply as failed, or keep it open for the next attempt."""
         if not reply.opened:
+            if not (isinstance(exc, TransientError) and not job.is_last_attempt):
+                await self._end_leftover(job, "failed")
             return
         try:
             if isinstance(exc, TransientError) and not job.is_last_attempt:
@@ -247,6 +257,20 @@ class ChatExecutor:
         except WorkerError as ending:
             # The reply stays generating; the sweep ends it if no run takes it over.
             logger.warning("Could not record the failed attempt's reply: %s", ending)
+
+    async def cancelled_before_start(self, job: JobContext) -> None:
+        """The job is stopped before this run began: end what an earlier attempt streamed."""
+        await self._end_leftover(job, "stopped")
+
+    async def _end_leftover(self, job: JobContext, status: str) -> None:
+        """End, with its final event, a reply an earlier attempt left generating."""
+        try:
+            leftover = await self._store.end_leftover_reply(job.job_id, status)
+        except WorkerError as exc:
+            logger.warning("Could not end the earlier attempt's reply: %s", exc)
+            return
+        if leftover is not None:
+            await publish_final(self._publisher, leftover, status)
 
     async def _result_of_winner(self, job: JobContext, reply: LiveReply) -> dict[str, Any]:
         """Another run owns the reply: return what it saved, publish nothing."""

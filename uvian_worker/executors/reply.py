@@ -27,7 +27,7 @@ from uvian_worker.events import Publisher
 from uvian_worker.executors.base import JobContext
 from uvian_worker.observability.logs import LogThrottle
 from uvian_worker.providers.base import ReplyChunk, Usage
-from uvian_worker.store.records import ASSISTANT_PROFILE_ID, ReplyRecord
+from uvian_worker.store.records import ASSISTANT_PROFILE_ID, ReplyRecord, StaleReply
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class ReplyStore(Protocol):
     ) -> bool: ...
 
     async def suspend_reply(
-        self, job_id: UUID, run_id: UUID, attempt_entry: dict[str, Any]
+        self, job_id: UUID, run_id: UUID, attempt_entry: dict[str, Any], content: str
     ) -> None: ...
 
 
@@ -267,7 +267,9 @@ class LiveReply:
         """A transient failure with attempts left: record the attempt, keep the reply open."""
         await self.close()
         await self.flush()
-        await self._store.suspend_reply(self._job.job_id, self._target.run_id, attempt_entry)
+        await self._store.suspend_reply(
+            self._job.job_id, self._target.run_id, attempt_entry, self.text
+        )
 
     async def close(self) -> None:
         """Stop the delta timer; safe on every exit path, cancellation included."""
@@ -299,3 +301,31 @@ class LiveReply:
             metadata=metadata
             or {"provider": self._target.provider, "jobId": str(self._job.job_id)},
         )
+
+
+async def publish_final(publisher: Publisher, reply: StaleReply, status: str) -> None:
+    """The final event of a reply no run is streaming (ended by the sweep, or after its
+    job stopped or failed between attempts); best effort, like every event."""
+    event = {
+        "type": "ai_response",
+        "conversationId": str(reply.conversation_id),
+        "messageId": str(reply.id),
+        "replyToId": str(reply.reply_to_id) if reply.reply_to_id else None,
+        "senderId": str(ASSISTANT_PROFILE_ID),
+        "jobId": str(reply.job_id),
+        "status": status,
+        "content": reply.content,
+        "model": None,
+        "tokensUsed": None,
+        "attempt": None,
+        "timestamp": events.timestamp(),
+    }
+    try:
+        await publisher.publish_reply_end(
+            events.conversation_channel(reply.conversation_id),
+            event,
+            stream_key=events.reply_stream_key(reply.id),
+            seq=None,
+        )
+    except EventsUnavailable as exc:
+        logger.warning("Could not publish a reply's final event: %s", exc)

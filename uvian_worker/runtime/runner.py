@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 from uuid import UUID
 
 from bullmq import Job, UnrecoverableError
@@ -75,6 +75,13 @@ class NoMetrics:
 
     def provider_error(self, kind: str) -> None:
         return None
+
+
+@runtime_checkable
+class CancelAware(Protocol):
+    """An executor with something to end when its job is stopped before a run began."""
+
+    async def cancelled_before_start(self, job: JobContext) -> None: ...
 
 
 class StopRequests(Protocol):
@@ -195,6 +202,8 @@ class JobRunner:
         executor = self._executor(job.name)
         reason = await self._stops.was_cancelled(str(job.id))
         if reason is not None:
+            if isinstance(executor, CancelAware):
+                await executor.cancelled_before_start(context)
             raise JobCancelled(f"cancelled before it started: {reason}")
         return await executor.run(context)
 

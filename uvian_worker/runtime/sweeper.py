@@ -16,10 +16,10 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from uvian_worker import events
 from uvian_worker.errors import WorkerError
 from uvian_worker.events import Publisher
-from uvian_worker.store.records import ASSISTANT_PROFILE_ID, StaleReply
+from uvian_worker.executors.reply import publish_final
+from uvian_worker.store.records import StaleReply
 
 logger = logging.getLogger(__name__)
 
@@ -81,27 +81,5 @@ class ReplySweeper:
                 logger.warning(
                     "Reply of job %s interrupted: its job is %s", reply.job_id, state or "gone"
                 )
-                await self._publish(reply)
+                await publish_final(self._publisher, reply, "interrupted")
         return ended
-
-    async def _publish(self, reply: StaleReply) -> None:
-        event = {
-            "type": "ai_response",
-            "conversationId": str(reply.conversation_id),
-            "messageId": str(reply.id),
-            "replyToId": str(reply.reply_to_id) if reply.reply_to_id else None,
-            "senderId": str(ASSISTANT_PROFILE_ID),
-            "jobId": str(reply.job_id),
-            "status": "interrupted",
-            "content": reply.content,
-            "model": None,
-            "tokensUsed": None,
-            "attempt": None,
-            "timestamp": events.timestamp(),
-        }
-        await self._publisher.publish_reply_end(
-            events.conversation_channel(reply.conversation_id),
-            event,
-            stream_key=events.reply_stream_key(reply.id),
-            seq=None,
-        )

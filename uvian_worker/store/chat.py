@@ -98,10 +98,10 @@ select exists (select 1 from reply) as written
 """
 
 # A transient failure with attempts left: the reply stays open for the next
-# attempt, which restarts its text; only this attempt's entry is recorded.
+# attempt, which restarts its text; the text so far and this attempt's entry are kept.
 _SUSPEND_REPLY = """
 update public.messages
-   set updated_at = now(),
+   set updated_at = now(), content = $4,
        metadata = metadata || jsonb_build_object(
            'attempts', coalesce(metadata -> 'attempts', '[]'::jsonb) || $3::jsonb)
  where job_id = $1 and run_id = $2 and status = 'generating'
@@ -123,6 +123,13 @@ _INTERRUPT_REPLY = """
 update public.messages set status = 'interrupted', updated_at = now()
  where id = $1 and status = 'generating' and updated_at = $2
 returning id
+"""
+
+# Ends the reply an earlier run left generating (any run: none is streaming now).
+_END_LEFTOVER_REPLY = """
+update public.messages set status = $2, updated_at = now()
+ where job_id = $1 and status = 'generating'
+returning id, job_id, run_id, conversation_id, reply_to_id, content, updated_at
 """
 
 _GET_REPLY = """
@@ -222,10 +229,16 @@ class ChatRepository:
         return bool(written)
 
     async def suspend_reply(
-        self, job_id: UUID, run_id: UUID, attempt_entry: dict[str, Any]
+        self, job_id: UUID, run_id: UUID, attempt_entry: dict[str, Any], content: str
     ) -> None:
         async with self._database.statement() as conn:
-            await conn.execute(_SUSPEND_REPLY, job_id, run_id, _json(attempt_entry))
+            await conn.execute(_SUSPEND_REPLY, job_id, run_id, _json(attempt_entry), content)
+
+    async def end_leftover_reply(self, job_id: UUID, status: str) -> StaleReply | None:
+        """End a reply an earlier attempt left generating; None when there is none."""
+        async with self._database.statement() as conn:
+            row = await conn.fetchrow(_END_LEFTOVER_REPLY, job_id, status)
+        return StaleReply(**dict(row)) if row is not None else None
 
     async def get_reply(self, job_id: UUID) -> SavedReply | None:
         async with self._database.statement() as conn:
@@ -246,9 +259,7 @@ class SweepRepository:
     def __init__(self, database: Database) -> None:
         self._database = database
 
-    async def stale_replies(
-        self, queue: str, stale_after_s: float, limit: int
-    ) -> list[StaleReply]:
+    async def stale_replies(self, queue: str, stale_after_s: float, limit: int) -> list[StaleReply]:
         async with self._database.statement() as conn:
             rows = await conn.fetch(_STALE_REPLIES, stale_after_s, limit, queue)
         return [StaleReply(**dict(row)) for row in rows]

@@ -183,3 +183,30 @@ async def test_grace_period_keeps_the_locks_of_jobs_longer_than_the_lock(
     [final] = finals(chat, rec.events)
     assert final["status"] == "completed"
     assert final["content"] == "".join(scripted_reply(message, 250))
+
+
+async def test_job_that_stalls_too_often_ends_failed_in_its_row_and_status(
+    database: Database, simulator: RunningSimulator
+) -> None:
+    """Kill the worker holding the job each time it is taken: BullMQ fails it on the third
+    stall, and a live worker records that in the row and publishes the status."""
+    chat = await seed_chat_job(database, f"Cursed {LONG}")
+    settings = fast_takeover(simulator)
+    watcher = WorkerProcess(worker_env(settings) | {"WORKER_CONCURRENCY": "1"})
+    async with record_events(f"job:{chat.job_id}:status") as rec:
+        await enqueue(settings, "ai-chat", chat.data, str(chat.job_id))
+        for _ in range(3):
+            victim = WorkerProcess(worker_env(settings))
+            await victim.start()
+            await victim.wait_for_line(str(chat.job_id))
+            victim.kill()
+            await victim.stop()
+        await watcher.start()
+        try:
+            [(_c, final)] = await rec.wait_for(final_status(chat.job_id))
+        finally:
+            await watcher.stop()
+    assert final["status"] == "failed" and final["errorKind"] == "stalled"
+    async with database.transaction() as conn:
+        row = await conn.fetchrow("select * from public.jobs where id = $1", chat.job_id)
+    assert row["status"] == "failed" and row["error_kind"] == "stalled"

@@ -37,6 +37,7 @@ from uvian_worker.runtime.lifecycle import (
     ShutdownSignals,
 )
 from uvian_worker.runtime.runner import JobRunner
+from uvian_worker.runtime.stall_watch import StallWatch
 from uvian_worker.runtime.sweeper import ReplySweeper
 from uvian_worker.runtime.turns import ConversationTurns
 from uvian_worker.settings import ConversationMode, DatabasePooler, Settings, resolve_provider
@@ -139,6 +140,17 @@ class WorkerApp:
             stale_after_s=settings.sweep_stale_after_s,
         )
         self._background: list[asyncio.Task[None]] = []
+        # Its own client: a blocking XREAD holds a connection for seconds at a time.
+        self.stall_redis = make_redis(
+            settings.effective_redis_url, connect_timeout_s=settings.connect_timeout_s
+        )
+        self._stack.push_async_callback(self.stall_redis.aclose)
+        self.stall_watch = StallWatch(
+            self.stall_redis,
+            JobRepository(database),
+            publisher,
+            [f"{settings.queue_prefix}:{queue}:events" for queue in settings.queue_names],
+        )
         self.worker_id = default_worker_id(settings.worker_name)
         self._taking_jobs = False
         self.heartbeat = Heartbeat(
@@ -171,6 +183,7 @@ class WorkerApp:
         self._taking_jobs = True
         await self.heartbeat.start()
         self._background.append(asyncio.create_task(self.sweeper.run_forever(), name="sweep"))
+        self._background.append(asyncio.create_task(self.stall_watch.run_forever(), name="stalls"))
         counts = poll_queue_counts(
             self.metrics, self.events_redis, self.settings.queue_prefix, self.settings.queue_names
         )

@@ -72,6 +72,16 @@ with prior as (
 )"""
 
 
+# A job BullMQ failed itself (it stalled too often): close its row if still open.
+_FAIL_STALLED = """
+update public.jobs
+   set status = 'failed', error_message = $2, error_kind = 'stalled',
+       finished_at = now(), updated_at = now()
+ where id = $1 and status in ('queued', 'processing')
+returning attempts
+"""
+
+
 class JobRepository:
     def __init__(self, database: Database) -> None:
         self._database = database
@@ -98,3 +108,8 @@ class JobRepository:
                 error_message,
                 error_kind,
             )
+
+    async def fail_stalled(self, job_id: UUID, reason: str) -> int | None:
+        async with self._database.statement() as conn:
+            attempts = await conn.fetchval(_FAIL_STALLED, job_id, reason)
+        return None if attempts is None else int(attempts)

@@ -225,7 +225,7 @@ async def test_running_worker_serves_metrics_and_answers_health(
         (
             "run",
             "postgresql://postgres:pw@127.0.0.1:notaport/uvian_test",
-            "uvian-worker: DATABASE_URL: ValueError: ",
+            "uvian-worker: DATABASE_URL is invalid: its port is not a number",
         ),
         (
             "enqueue",

@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from bullmq import Job, UnrecoverableError, Worker
+from bullmq import Job, UnrecoverableError
 
 from uvian_worker.observability.logs import LogThrottle
+from uvian_worker.runtime.fast_worker import FastWorker
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ _throttle = LogThrottle()
 _UNREADABLE = (ValueError, TypeError, RecursionError, OverflowError, AttributeError, KeyError)
 
 
-class GuardedWorker(Worker):  # type: ignore[misc]
+class GuardedWorker(FastWorker):
     async def nextJobFromJobData(
         self,
         job_data: dict[str, Any] | None = None,

@@ -113,6 +113,11 @@ def configure_logging(level: str = "INFO", log_format: str = "auto") -> None:
     handler.setFormatter(JsonFormatter() if use_json else ConsoleFormatter())
     handler.addFilter(JobContextFilter())
 
+    # Fields no line prints, each looked up for every record made.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

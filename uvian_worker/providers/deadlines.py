@@ -1,11 +1,10 @@
 """Streaming deadlines in phases: the first token, the gap between content, the whole reply.
 
-One `asyncio.timeout` scope is moved forward each time content arrives, which
-costs a timer reschedule per chunk instead of a task per chunk. Chunks without
-text (keep-alives never reach here; usage-only or empty deltas do) move
-nothing. When a deadline passes, the cancellation lands inside the provider's
-stream, whose `finally` closes the upstream request (and cancels the RunPod
-job); the stream is then closed for good.
+Content moves the deadline forward; chunks without text (keep-alives never
+reach here; usage-only or empty deltas do) move nothing. When a deadline
+passes, the consuming task is cancelled: the cancellation lands inside the
+provider's stream, whose `finally` closes the upstream request (and cancels the
+RunPod job), and comes out of here as `ProviderTimeout`.
 """
 
 from __future__ import annotations
@@ -32,22 +31,70 @@ async def consume_stream(
     on_chunk: Callable[[ReplyChunk], Awaitable[None]],
 ) -> None:
     """Feed every chunk to `on_chunk`, raising `ProviderTimeout` when a phase runs late."""
-    loop = asyncio.get_running_loop()
-    started_s = loop.time()
-    total_deadline = started_s + deadlines.total_s
-    phase = f"no first token within {deadlines.first_token_s:g} s"
-    scope = asyncio.timeout_at(min(started_s + deadlines.first_token_s, total_deadline))
+    watch = _DeadlineWatch(deadlines)
     try:
-        async with scope, aclosing(stream):  # type: ignore[type-var]
+        async with aclosing(stream):  # type: ignore[type-var]
             async for chunk in stream:
                 if chunk.text:
-                    phase = f"no new text for {deadlines.chunk_gap_s:g} s"
-                    next_gap_s = loop.time() + deadlines.chunk_gap_s
-                    if next_gap_s >= total_deadline:
-                        phase = f"reply not finished within {deadlines.total_s:g} s"
-                    scope.reschedule(min(next_gap_s, total_deadline))
+                    watch.progress()
                 await on_chunk(chunk)
-    except TimeoutError:
-        if not scope.expired():
-            raise
-        raise ProviderTimeout(f"provider deadline passed: {phase}") from None
+    except asyncio.CancelledError:
+        if watch.expired():
+            raise ProviderTimeout(f"provider deadline passed: {watch.phase}") from None
+        raise
+    finally:
+        watch.stop()
+
+
+class _DeadlineWatch:
+    """One timer for the three phases, moved only when it fires.
+
+    Text moves the deadline forward by updating a number; the timer, when it
+    fires, either finds the deadline moved and sleeps again, or cancels the
+    consuming task. Rescheduling a timer for every chunk cost more than the
+    rest of the chunk's handling.
+    """
+
+    def __init__(self, deadlines: Deadlines) -> None:
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._deadlines = deadlines
+        started_s = self._loop.time()
+        self._total_deadline_s = started_s + deadlines.total_s
+        self._deadline_s = min(started_s + deadlines.first_token_s, self._total_deadline_s)
+        self.phase = f"no first token within {deadlines.first_token_s:g} s"
+        self._fired = False
+        self._timer = self._loop.call_at(self._deadline_s, self._check)
+
+    def progress(self) -> None:
+        next_gap_s = self._loop.time() + self._deadlines.chunk_gap_s
+        if next_gap_s >= self._total_deadline_s:
+            self._deadline_s = self._total_deadline_s
+            self.phase = f"reply not finished within {self._deadlines.total_s:g} s"
+        else:
+            self._deadline_s = next_gap_s
+            self.phase = f"no new text for {self._deadlines.chunk_gap_s:g} s"
+        if self._deadline_s < self._timer.when():
+            # The first text can bring the deadline closer (a gap shorter than the
+            # first-token allowance): the timer must not sleep past it.
+            self._arm()
+
+    def _arm(self) -> None:
+        self._timer.cancel()
+        self._timer = self._loop.call_at(self._deadline_s, self._check)
+
+    def _check(self) -> None:
+        if self._loop.time() < self._deadline_s:
+            self._arm()
+            return
+        self._fired = True
+        self._task.cancel()
+
+    def expired(self) -> bool:
+        """Whether the cancellation being handled is this watch's own (and only that)."""
+        return self._fired and self._task.uncancel() == 0
+
+    def stop(self) -> None:
+        self._timer.cancel()

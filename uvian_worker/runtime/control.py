@@ -51,6 +51,7 @@ class ControlChannel:
         self._turn_waiters: dict[str, set[asyncio.Event]] = {}
         self._task: asyncio.Task[None] | None = None
         self._writes: set[asyncio.Task[Any]] = set()
+        self._lookups: list[tuple[str, asyncio.Future[str | None]]] = []
         self.ready = asyncio.Event()
 
     async def start(self) -> None:
@@ -78,13 +79,37 @@ class ControlChannel:
                 del self._held[job_id]
 
     async def was_cancelled(self, job_id: str) -> str | None:
-        """The reason a stop was asked for this job before it started here, if one was."""
+        """The reason a stop was asked for this job before it started here, if one was.
+
+        Every job starts with this look-up; those asked for in one turn of the
+        event loop share one MGET.
+        """
         if job_id in self._recent:
             return self._recent[job_id]
-        reason = await self._client.get(events.job_cancelled_key(job_id))
-        if reason is None:
-            return None
-        return reason.decode() if isinstance(reason, bytes) else str(reason)
+        answer: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._lookups.append((job_id, answer))
+        if len(self._lookups) == 1:
+            asyncio.get_running_loop().call_soon(self._send_lookups)
+        return await answer
+
+    def _send_lookups(self) -> None:
+        lookups, self._lookups = self._lookups, []
+        task = asyncio.ensure_future(self._look_up(lookups))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _look_up(self, lookups: list[tuple[str, asyncio.Future[str | None]]]) -> None:
+        keys = [events.job_cancelled_key(job_id) for job_id, _ in lookups]
+        try:
+            reasons = await self._client.mget(keys)
+        except Exception as exc:  # noqa: BLE001 - each waiting job gets the error itself
+            for _job_id, answer in lookups:
+                if not answer.done():
+                    answer.set_exception(exc)
+            return
+        for (_job_id, answer), reason in zip(lookups, reasons, strict=True):
+            if not answer.done():
+                answer.set_result(None if reason is None else _text(reason))
 
     def _on_cancel(self, job_id: str, reason: str) -> None:
         held = self._held.get(job_id)

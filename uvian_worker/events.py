@@ -6,8 +6,9 @@ Channel names and event shapes are the contract with the Node API (README's
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -102,10 +103,18 @@ def job_status_event(
 
 
 class RedisPublisher:
-    """Publishes JSON events on a redis-py client (its own pool, not the queue's)."""
+    """Publishes JSON events on a redis-py client (its own pool, not the queue's).
+
+    Deltas are the hot path: every streaming reply sends one every 50 ms. Those
+    asked for in one turn of the event loop go out in one pipeline (one round
+    trip for all replies); each reply's own deltas stay in order, since a reply
+    waits for its delta to be sent before it sends the next.
+    """
 
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
+        self._deltas: list[tuple[Callable[[Any], int], asyncio.Future[None]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
 
     async def publish(self, channel: str, event: Mapping[str, Any]) -> None:
         try:
@@ -121,14 +130,53 @@ class RedisPublisher:
             "delta": event["delta"],
             "attempt": event["attempt"],
         }
-        async with self._client.pipeline(transaction=False) as pipe:
+        payload = orjson.dumps(event)
+
+        def add_commands(pipe: Any) -> int:
             if restart:
                 pipe.delete(stream_key)
             pipe.xadd(stream_key, fields, id=f"0-{event['seq']}", maxlen=REPLY_STREAM_MAXLEN)
             if restart:
                 pipe.expire(stream_key, REPLY_STREAM_LIVE_TTL_S)
-            pipe.publish(channel, orjson.dumps(event))
-            await self._execute(pipe)
+            pipe.publish(channel, payload)
+            return 4 if restart else 2
+
+        loop = asyncio.get_running_loop()
+        sent: asyncio.Future[None] = loop.create_future()
+        self._deltas.append((add_commands, sent))
+        if len(self._deltas) == 1:
+            loop.call_soon(self._send_deltas)
+        await sent
+
+    def _send_deltas(self) -> None:
+        batch, self._deltas = self._deltas, []
+        task = asyncio.ensure_future(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[Callable[[Any], int], asyncio.Future[None]]]) -> None:
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                counts = [add_commands(pipe) for add_commands, _sent in batch]
+                results = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            unavailable = EventsUnavailable(f"cannot publish events: {type(exc).__name__}")
+            for _add, sent in batch:
+                if not sent.done():
+                    sent.set_exception(unavailable)
+            return
+        start = 0
+        for count, (_add, sent) in zip(counts, batch, strict=True):
+            outcome = results[start : start + count]
+            start += count
+            if sent.done():
+                continue
+            try:
+                RedisPublisher._check(outcome)
+            except EventsUnavailable as exc:
+                sent.set_exception(exc)
+            else:
+                sent.set_result(None)
 
     async def publish_reply_end(
         self, channel: str, event: Mapping[str, Any], *, stream_key: str, seq: int | None

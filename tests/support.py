@@ -199,6 +199,36 @@ async def record_events(*patterns: str, url: str = TEST_REDIS_URL) -> AsyncItera
         await client.aclose()
 
 
+@asynccontextmanager
+async def chat_job_running(
+    settings: Settings, chat: ChatJob, *, attempts: int = 3, backoff_ms: int = 100
+) -> AsyncIterator[EventRecorder]:
+    """A worker running with `chat` enqueued; every event of the job and its
+    conversation is recorded from before the job was added."""
+    async with (
+        record_events(f"job:{chat.job_id}:*", f"conversation:{chat.conversation_id}:*") as rec,
+        running_worker(settings),
+    ):
+        await enqueue(
+            settings,
+            "ai-chat",
+            chat.data,
+            str(chat.job_id),
+            attempts=attempts,
+            backoff_ms=backoff_ms,
+        )
+        yield rec
+
+
+async def ask_to_stop(job_id: object, payload: str | bytes) -> None:
+    """Publish on the job's cancel channel, as the API does when a user presses stop."""
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    try:
+        await client.publish(f"job:{job_id}:cancel", payload)
+    finally:
+        await client.aclose()
+
+
 def final_status(job_id: UUID) -> Callable[[str, dict[str, Any]], bool]:
     """Matches the job's last status event: completed, cancelled, or failed with no retry."""
 

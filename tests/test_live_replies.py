@@ -13,6 +13,8 @@ import redis.asyncio as redis
 from tests.support import (
     TEST_REDIS_URL,
     ChatJob,
+    ask_to_stop,
+    chat_job_running,
     enqueue,
     final_status,
     job_state,
@@ -47,11 +49,7 @@ async def test_deltas_are_ordered_coalesced_and_add_up_to_the_saved_reply(
     chat = await seed_chat_job(database, message)
     settings = settings_for_test(simulator.url, reply_delta_window_ms=50)
 
-    async with (
-        record_events(f"job:{chat.job_id}:*", f"conversation:{chat.conversation_id}:*") as rec,
-        running_worker(settings),
-    ):
-        await enqueue(settings, "ai-chat", chat.data, str(chat.job_id))
+    async with chat_job_running(settings, chat) as rec:
         await rec.wait_for(final_status(chat.job_id))
 
     deltas = deltas_of(rec.events)
@@ -111,26 +109,16 @@ async def stop_mid_stream(
 ) -> tuple[ChatJob, list[tuple[str, dict[str, Any]]], float]:
     """Start a long reply, publish a stop after its first deltas; returns the stop's latency."""
     chat = await seed_chat_job(database, "Go on forever [[sim:tokens=2000]] [[sim:tps=50]]")
-    publisher = redis.Redis.from_url(TEST_REDIS_URL)
-    try:
-        async with (
-            record_events(f"job:{chat.job_id}:*", f"conversation:{chat.conversation_id}:*") as rec,
-            running_worker(settings),
-        ):
-            await enqueue(settings, "ai-chat", chat.data, str(chat.job_id))
-            await rec.wait_for(lambda c, e: e.get("type") == "ai_delta", count=3)
-            sent_s = time.monotonic()
-            await publisher.publish(f"job:{chat.job_id}:cancel", orjson.dumps({"reason": "user"}))
-            await simulator.stats.wait_for(
-                "closed_early"
-                if settings.simulator_protocol.value == "openai"
-                else "runpod_cancelled"
-            )
-            closed_s = (simulator.stats.last_disconnect_at or 0) - sent_s
-            await rec.wait_for(final_status(chat.job_id))
-            state, job = await job_state(settings, str(chat.job_id))
-    finally:
-        await publisher.aclose()
+    async with chat_job_running(settings, chat) as rec:
+        await rec.wait_for(lambda c, e: e.get("type") == "ai_delta", count=3)
+        sent_s = time.monotonic()
+        await ask_to_stop(chat.job_id, orjson.dumps({"reason": "user"}))
+        await simulator.stats.wait_for(
+            "closed_early" if settings.simulator_protocol.value == "openai" else "runpod_cancelled"
+        )
+        closed_s = (simulator.stats.last_disconnect_at or 0) - sent_s
+        await rec.wait_for(final_status(chat.job_id))
+        state, job = await job_state(settings, str(chat.job_id))
     assert state == "failed" and job.attemptsMade == 1
     assert job.failedReason == "user"
     return chat, rec.events, closed_s
@@ -165,16 +153,12 @@ async def test_stop_before_start_never_calls_the_provider(
     chat = await seed_chat_job(database)
     settings = settings_for_test(simulator.url)
     before = simulator.stats.count("streams_started")
-    publisher = redis.Redis.from_url(TEST_REDIS_URL)
-    try:
-        async with record_events(f"job:{chat.job_id}:*") as rec, running_worker(settings) as app:
-            await app.control.ready.wait()
-            await publisher.publish(f"job:{chat.job_id}:cancel", "changed my mind")
-            await enqueue(settings, "ai-chat", chat.data, str(chat.job_id))
-            await rec.wait_for(final_status(chat.job_id))
-            state, job = await job_state(settings, str(chat.job_id))
-    finally:
-        await publisher.aclose()
+    async with record_events(f"job:{chat.job_id}:*") as rec, running_worker(settings) as app:
+        await app.control.ready.wait()
+        await ask_to_stop(chat.job_id, "changed my mind")
+        await enqueue(settings, "ai-chat", chat.data, str(chat.job_id))
+        await rec.wait_for(final_status(chat.job_id))
+        state, job = await job_state(settings, str(chat.job_id))
 
     assert state == "failed" and job.attemptsMade == 1
     assert job.failedReason == "cancelled before it started: changed my mind"
@@ -288,11 +272,7 @@ async def test_reply_row_exists_from_the_first_token_and_saves_its_partial_text(
     chat = await seed_chat_job(database, message)
     settings = settings_for_test(simulator.url, reply_save_interval_s=0.3)
 
-    async with (
-        record_events(f"job:{chat.job_id}:*", f"conversation:{chat.conversation_id}:*") as rec,
-        running_worker(settings),
-    ):
-        await enqueue(settings, "ai-chat", chat.data, str(chat.job_id))
+    async with chat_job_running(settings, chat) as rec:
         await rec.wait_for(lambda c, e: e.get("type") == "ai_delta")
         at_first_token = await reply_row(database, chat)
         # 60 tokens/s and 50 ms windows: 25 deltas are over a second of text.
@@ -312,19 +292,11 @@ async def test_stop_before_the_first_token_leaves_no_reply(
 ) -> None:
     chat = await seed_chat_job(database, "Cold start [[sim:delay_ms=3000]]")
     settings = settings_for_test(simulator.url)
-    publisher = redis.Redis.from_url(TEST_REDIS_URL)
-    try:
-        async with (
-            record_events(f"job:{chat.job_id}:*", f"conversation:{chat.conversation_id}:*") as rec,
-            running_worker(settings),
-        ):
-            await enqueue(settings, "ai-chat", chat.data, str(chat.job_id))
-            await rec.wait_for(lambda c, e: e.get("status") == "processing")
-            await simulator.stats.wait_for("streams_started")
-            await publisher.publish(f"job:{chat.job_id}:cancel", "never mind")
-            await rec.wait_for(final_status(chat.job_id))
-    finally:
-        await publisher.aclose()
+    async with chat_job_running(settings, chat) as rec:
+        await rec.wait_for(lambda c, e: e.get("status") == "processing")
+        await simulator.stats.wait_for("streams_started")
+        await ask_to_stop(chat.job_id, "never mind")
+        await rec.wait_for(final_status(chat.job_id))
     assert [e["status"] for c, e in rec.events if c.endswith(":status")] == [
         "processing",
         "cancelled",
@@ -338,18 +310,14 @@ async def test_stray_bytes_on_the_cancel_channel_do_not_deafen_the_worker(
 ) -> None:
     chat = await seed_chat_job(database, "Go on [[sim:tokens=2000]] [[sim:tps=50]]")
     settings = settings_for_test(simulator.url)
-    publisher = redis.Redis.from_url(TEST_REDIS_URL)
-    try:
-        async with (
-            record_events(f"job:{chat.job_id}:status") as rec,
-            running_worker(settings) as app,
-        ):
-            await app.control.ready.wait()
-            await publisher.publish("job:not-a-job:cancel", b"\xff\xfe not UTF-8")
-            await enqueue(settings, "ai-chat", chat.data, str(chat.job_id))
-            await rec.wait_for(lambda c, e: e["status"] == "processing")
-            await publisher.publish(f"job:{chat.job_id}:cancel", "stop")
-            [(_c, final)] = await rec.wait_for(final_status(chat.job_id))
-    finally:
-        await publisher.aclose()
+    async with (
+        record_events(f"job:{chat.job_id}:status") as rec,
+        running_worker(settings) as app,
+    ):
+        await app.control.ready.wait()
+        await ask_to_stop("not-a-job", b"\xff\xfe not UTF-8")
+        await enqueue(settings, "ai-chat", chat.data, str(chat.job_id))
+        await rec.wait_for(lambda c, e: e["status"] == "processing")
+        await ask_to_stop(chat.job_id, "stop")
+        [(_c, final)] = await rec.wait_for(final_status(chat.job_id))
     assert final["status"] == "cancelled"

@@ -14,11 +14,10 @@ import pytest
 
 from tests.support import (
     ChatJob,
-    enqueue,
+    ask_to_stop,
+    chat_job_running,
     final_status,
     job_state,
-    record_events,
-    running_worker,
     seed_chat_job,
     settings_for_test,
 )
@@ -31,11 +30,7 @@ async def run_until_final(
     simulator: RunningSimulator, chat: ChatJob, *, attempts: int = 1, **overrides: Any
 ) -> tuple[Any, Any, list[tuple[str, dict[str, Any]]]]:
     settings = settings_for_test(simulator.url, **overrides)
-    async with (
-        record_events(f"job:{chat.job_id}:*", f"conversation:{chat.conversation_id}:*") as rec,
-        running_worker(settings),
-    ):
-        await enqueue(settings, "ai-chat", chat.data, str(chat.job_id), attempts=attempts)
+    async with chat_job_running(settings, chat, attempts=attempts) as rec:
         await rec.wait_for(final_status(chat.job_id))
         state, job = await job_state(settings, str(chat.job_id))
     return state, job, rec.events
@@ -184,26 +179,12 @@ async def test_request_too_long_for_the_model_fails_without_retry(
 async def test_stop_between_attempts_ends_the_earlier_attempts_reply(
     database: Database, simulator: RunningSimulator
 ) -> None:
-    import redis.asyncio as redis
-
-    from tests.support import TEST_REDIS_URL
-
     chat = await seed_chat_job(database, "Breaks once [[sim:fault=truncate]]")
     settings = settings_for_test(simulator.url)
-    publisher = redis.Redis.from_url(TEST_REDIS_URL)
-    try:
-        async with (
-            record_events(f"job:{chat.job_id}:*", f"conversation:{chat.conversation_id}:*") as rec,
-            running_worker(settings),
-        ):
-            await enqueue(
-                settings, "ai-chat", chat.data, str(chat.job_id), attempts=3, backoff_ms=1500
-            )
-            await rec.wait_for(lambda c, e: e.get("willRetry") is True)
-            await publisher.publish(f"job:{chat.job_id}:cancel", "not needed any more")
-            await rec.wait_for(final_status(chat.job_id))
-    finally:
-        await publisher.aclose()
+    async with chat_job_running(settings, chat, backoff_ms=1500) as rec:
+        await rec.wait_for(lambda c, e: e.get("willRetry") is True)
+        await ask_to_stop(chat.job_id, "not needed any more")
+        await rec.wait_for(final_status(chat.job_id))
     [final] = [e for _c, e in rec.events if e.get("type") == "ai_response"]
     assert final["status"] == "stopped" and final["content"]
     assert statuses(chat, rec.events)[-1]["status"] == "cancelled"
@@ -217,11 +198,7 @@ async def test_last_attempt_failing_before_text_ends_the_earlier_attempts_reply(
 ) -> None:
     chat = await seed_chat_job(database, "Breaks, then the server is gone [[sim:fault=truncate]]")
     settings = settings_for_test(simulator.url)
-    async with (
-        record_events(f"job:{chat.job_id}:*", f"conversation:{chat.conversation_id}:*") as rec,
-        running_worker(settings),
-    ):
-        await enqueue(settings, "ai-chat", chat.data, str(chat.job_id), attempts=2, backoff_ms=1500)
+    async with chat_job_running(settings, chat, attempts=2, backoff_ms=1500) as rec:
         await rec.wait_for(lambda c, e: e.get("willRetry") is True)
         await simulator.stop()  # the second attempt finds no server: no text at all
         await rec.wait_for(final_status(chat.job_id))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -33,8 +33,6 @@ ERROR_LOG_INTERVAL_S = 5.0
 SECOND_SIGNAL_AFTER_S = 0.5
 # How long a worker waits before asking Redis again after a connection error.
 RUN_RETRY_DELAY_MS = 1_000
-
-Processor = Callable[[Any, str], Awaitable[dict[str, Any]]]
 
 
 class Runs(Protocol):

@@ -26,6 +26,7 @@ async def test_cancelled_queries_leak_no_connection_and_mix_no_results(
 ) -> None:
     database = await Database.connect(migrated_dsn, min_size=1, max_size=4, acquire_timeout_s=5)
     rng = random.Random(3)
+    _allow_asyncpg_abort_noise()
 
     async def query(n: int) -> int:
         async with database.transaction() as conn:
@@ -46,6 +47,22 @@ async def test_cancelled_queries_leak_no_connection_and_mix_no_results(
         assert database.pool_idle == database.pool_size
     finally:
         await database.close()
+
+
+def _allow_asyncpg_abort_noise() -> None:
+    """asyncpg aborts a connection cancelled mid-query and sometimes leaves its own
+    internal future holding "unexpected connection_lost() call" unretrieved. That is
+    the library's bookkeeping, not a leak (the pool checks below say so); every other
+    unhandled loop error still fails the test."""
+    loop = asyncio.get_running_loop()
+    report = loop.get_exception_handler()
+    assert report is not None
+
+    def handler(running: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        if str(context.get("exception")) != "unexpected connection_lost() call":
+            report(running, context)
+
+    loop.set_exception_handler(handler)
 
 
 async def test_waiting_for_a_connection_is_bounded(migrated_dsn: str) -> None:

@@ -126,6 +126,16 @@ class QueueWorkers:
     def jobs_in_flight(self) -> int:
         return sum(len(worker.jobs) for worker in self._workers)
 
+    async def _drained(self) -> None:
+        """Return once no job runs here. A worker's tasks also include its wait for the
+        next job, which may block for seconds and must not hold a shutdown up."""
+        while self.jobs_in_flight:
+            running = [task for worker in self._workers for task in worker.processing]
+            pending = [task for task in running if not task.done()]
+            if not pending:
+                return
+            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+
     def skip_grace(self) -> None:
         """End the grace period of a shutdown now (a second signal)."""
         self._grace_over.set()
@@ -139,8 +149,7 @@ class QueueWorkers:
         would be handed to another worker in the middle of the grace period.
         """
         await asyncio.gather(*(worker.pause(do_not_wait_active=True) for worker in self._workers))
-        in_flight = [task for worker in self._workers for task in worker.processing]
-        drained: asyncio.Future[Any] = asyncio.ensure_future(_all_done(in_flight))
+        drained: asyncio.Future[Any] = asyncio.ensure_future(self._drained())
         grace_over: asyncio.Future[Any] = asyncio.ensure_future(self._grace_over.wait())
         await asyncio.wait(
             [drained, grace_over], timeout=grace_s, return_when=asyncio.FIRST_COMPLETED
@@ -159,11 +168,6 @@ class QueueWorkers:
             )
         await asyncio.gather(*(worker.close(force=force) for worker in self._workers))
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-async def _all_done(tasks: list[asyncio.Future[Any]]) -> None:
-    if tasks:
-        await asyncio.wait(tasks)
 
 
 def _untrack_only_finished_runs(worker: Worker, runs: Runs) -> None:

@@ -30,7 +30,7 @@ from tests.openai_server import (
     serving,
 )
 from uvian_worker.errors import ProviderFailed, ProviderRejected, StreamTruncated
-from uvian_worker.providers.base import Usage
+from uvian_worker.providers.base import ReplyChunk, Usage
 from uvian_worker.providers.openai import OpenAIProvider
 
 
@@ -66,7 +66,41 @@ async def test_streams_a_reply_with_usage_from_the_final_chunk(
     assert [chunk.finish_reason for chunk in chunks if chunk.finish_reason] == ["stop"]
     assert chunks[-1].usage == Usage(prompt_tokens=9, completion_tokens=2)
     assert all(chunk.model == MODEL for chunk in chunks)
-    assert [chunk.usage for chunk in chunks[:-1]] == [None] * 4
+    assert [chunk.usage for chunk in chunks if chunk.usage] == [chunks[-1].usage]
+
+
+async def test_the_events_of_one_read_are_one_chunk(
+    serve: Serve, open_provider: Callable[[str], OpenAIProvider]
+) -> None:
+    body = b"".join([delta(""), delta("Hel"), delta("lo"), delta(None, "stop"), USAGE, DONE])
+    upstream = Upstream([body])
+    provider = open_provider(await serve(upstream.handle))
+
+    chunks = await run(provider)
+
+    assert chunks == [
+        ReplyChunk(
+            text="Hello",
+            finish_reason="stop",
+            usage=Usage(prompt_tokens=9, completion_tokens=2),
+            model=MODEL,
+        )
+    ]
+
+
+async def test_text_before_an_error_in_the_same_read_reaches_the_reply(
+    serve: Serve, open_provider: Callable[[str], OpenAIProvider]
+) -> None:
+    failure = event({"error": {"message": "CUDA out of memory", "type": "server_error"}})
+    upstream = Upstream([delta("Part") + delta("ial") + failure])
+    provider = open_provider(await serve(upstream.handle))
+    seen: list[str] = []
+
+    with pytest.raises(ProviderFailed, match="CUDA out of memory"):
+        async for chunk in provider.stream_reply(REQUEST):
+            seen.append(chunk.text)
+
+    assert seen == ["Partial"]
 
 
 async def test_sends_a_streaming_request_with_the_key(
@@ -111,7 +145,7 @@ async def test_null_content_is_empty_text(
 
     chunks = await run(provider)
 
-    assert [chunk.text for chunk in chunks] == ["", "ok", ""]
+    assert "".join(chunk.text for chunk in chunks) == "ok"
     assert chunks[-1].finish_reason == "length"
 
 
@@ -125,7 +159,8 @@ async def test_done_ends_the_reply_without_waiting_for_the_body_to_end(
         chunks = await run(provider)
         await upstream.disconnected.wait()
 
-    assert [chunk.text for chunk in chunks] == ["Hi", ""]
+    assert "".join(chunk.text for chunk in chunks) == "Hi"
+    assert chunks[-1].finish_reason == "stop"
 
 
 async def test_finish_then_end_of_body_without_done_is_a_normal_end(
@@ -136,8 +171,8 @@ async def test_finish_then_end_of_body_without_done_is_a_normal_end(
 
     chunks = await run(provider)
 
-    assert chunks[1].finish_reason == "stop"
-    assert chunks[2].usage == Usage(prompt_tokens=9, completion_tokens=2)
+    assert [chunk.finish_reason for chunk in chunks if chunk.finish_reason] == ["stop"]
+    assert chunks[-1].usage == Usage(prompt_tokens=9, completion_tokens=2)
 
 
 async def test_crlf_keep_alives_and_reads_split_anywhere(
@@ -160,7 +195,7 @@ async def test_crlf_keep_alives_and_reads_split_anywhere(
 
     chunks = await run(provider)
 
-    assert [chunk.text for chunk in chunks] == ["héllo 世界 🎉", ""]
+    assert "".join(chunk.text for chunk in chunks) == "héllo 世界 🎉"
     assert chunks[-1].finish_reason == "stop"
 
 
@@ -218,7 +253,7 @@ async def test_body_ending_without_finish_or_done_is_truncated(
         async for chunk in provider.stream_reply(REQUEST):
             seen.append(chunk.text)
 
-    assert seen == ["Hel", "lo"]
+    assert "".join(seen) == "Hello"
 
 
 async def test_data_that_is_not_json_is_a_failure(

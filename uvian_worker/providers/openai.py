@@ -95,13 +95,29 @@ class OpenAIProvider:
             while not reached_end:
                 data = await self._read_some(response)
                 reached_end = not data
-                for event in decoder.feed(data) if data else decoder.finish():
+                events = decoder.feed(data) if data else decoder.finish()
+                if not events:
+                    continue
+                # What one read brought is one chunk: the reply's cost grows with the
+                # reads, not with the tokens a busy upstream packs into each of them.
+                batch = _Batch()
+                failure: WorkerError | None = None
+                for event in events:
                     if event.strip() == _DONE:
                         reached_end = True
-                        return
-                    chunk = self._parse_chunk(event)
+                        break
+                    try:
+                        self._read_event(event, batch)
+                    except WorkerError as exc:
+                        failure = exc
+                        break
+                # Text read before an error in the same read still reaches the reply.
+                chunk = batch.chunk()
+                if chunk is not None:
                     finish_seen = finish_seen or chunk.finish_reason is not None
                     yield chunk
+                if failure is not None:
+                    raise failure
             if not finish_seen:
                 raise StreamTruncated("openai: the stream ended before the reply finished")
         finally:
@@ -220,8 +236,8 @@ class OpenAIProvider:
             return ProviderFailed("openai: the server answered without streaming")
         return self._classify_error(error)
 
-    def _parse_chunk(self, event: str) -> ReplyChunk:
-        """One `chat.completion.chunk` event as a reply chunk; errors raise."""
+    def _read_event(self, event: str, batch: _Batch) -> None:
+        """Add one `chat.completion.chunk` event to the read's batch; errors raise."""
         try:
             document = orjson.loads(event)
         except orjson.JSONDecodeError as exc:
@@ -232,7 +248,7 @@ class OpenAIProvider:
         error = _error_object(document)
         if error is not None:
             raise self._classify_error(error)
-        return _chunk_of(document)
+        _add_chunk(document, batch)
 
     def _classify_error(self, error: dict[str, Any]) -> WorkerError:
         """An error object the server sent instead of (or in the middle of) a reply."""
@@ -252,6 +268,39 @@ class OpenAIProvider:
         if self._api_key is None:
             return text
         return text.replace(self._api_key, "[redacted]")
+
+
+class _Batch:
+    """The chunks of one read folded into one: their text joined, the last of the rest."""
+
+    __slots__ = ("_count", "_finish_reason", "_model", "_parts", "_usage")
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._parts: list[str] = []
+        self._finish_reason: str | None = None
+        self._usage: Usage | None = None
+        self._model: str | None = None
+
+    def add(
+        self, text: str, finish_reason: str | None, usage: Usage | None, model: str | None
+    ) -> None:
+        self._count += 1
+        if text:
+            self._parts.append(text)
+        self._finish_reason = finish_reason or self._finish_reason
+        self._usage = usage or self._usage
+        self._model = model or self._model
+
+    def chunk(self) -> ReplyChunk | None:
+        if self._count == 0:
+            return None
+        return ReplyChunk(
+            text="".join(self._parts),
+            finish_reason=self._finish_reason,
+            usage=self._usage,
+            model=self._model,
+        )
 
 
 def _error_object(document: object) -> dict[str, Any] | None:
@@ -286,7 +335,7 @@ def _is_request_fault(error: dict[str, Any]) -> bool:
     return code is not None and 400 <= code < 500 and code not in _TRANSIENT_CLIENT_STATUSES
 
 
-def _chunk_of(document: dict[str, Any]) -> ReplyChunk:
+def _add_chunk(document: dict[str, Any], batch: _Batch) -> None:
     # `n` is never set, so the reply is always the first choice; the usage chunk
     # that closes the stream has no choice at all.
     choices = document.get("choices") or [{}]
@@ -301,11 +350,12 @@ def _chunk_of(document: dict[str, Any]) -> ReplyChunk:
         raise ProviderFailed("openai: malformed stream chunk: content is not text")
 
     model = document.get("model")
-    return ReplyChunk(
-        text=text,
-        finish_reason=finish_reason,
-        usage=_usage_of(document.get("usage")),
-        model=model if isinstance(model, str) and model else None,
+    usage = document.get("usage")
+    batch.add(
+        text,
+        finish_reason,
+        _usage_of(usage) if usage is not None else None,
+        model if isinstance(model, str) and model else None,
     )
 
 

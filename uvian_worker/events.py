@@ -36,10 +36,13 @@ REPLY_STREAM_ENDED_TTL_S = 300  # after its final event
 class Publisher(Protocol):
     async def publish(self, channel: str, event: Mapping[str, Any]) -> None: ...
 
-    async def publish_delta(
+    def send_delta(
         self, channel: str, event: Mapping[str, Any], *, stream_key: str, restart: bool
-    ) -> None:
-        """Publish a reply delta and append it to the reply's stream (restarting it if asked)."""
+    ) -> asyncio.Future[None]:
+        """Queue a reply delta to publish and append to the reply's stream (restarting it if
+        asked); the future says when it went out, or raises `EventsUnavailable`.
+
+        Deltas queued by one caller go out in the order they were queued."""
 
     async def publish_reply_end(
         self, channel: str, event: Mapping[str, Any], *, stream_key: str, seq: int | None
@@ -106,15 +109,14 @@ class RedisPublisher:
     """Publishes JSON events on a redis-py client (its own pool, not the queue's).
 
     Deltas are the hot path: every streaming reply sends one every 50 ms. Those
-    asked for in one turn of the event loop go out in one pipeline (one round
-    trip for all replies); each reply's own deltas stay in order, since a reply
-    waits for its delta to be sent before it sends the next.
+    queued while the previous pipeline is on its way go out together in the next
+    (one round trip for all replies), in the order they were queued.
     """
 
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
         self._deltas: list[tuple[Callable[[Any], int], asyncio.Future[None]]] = []
-        self._sending: set[asyncio.Task[None]] = set()
+        self._sender: asyncio.Task[None] | None = None
 
     async def publish(self, channel: str, event: Mapping[str, Any]) -> None:
         try:
@@ -122,9 +124,9 @@ class RedisPublisher:
         except (RedisError, OSError) as exc:
             raise EventsUnavailable(f"cannot publish events: {type(exc).__name__}") from None
 
-    async def publish_delta(
+    def send_delta(
         self, channel: str, event: Mapping[str, Any], *, stream_key: str, restart: bool
-    ) -> None:
+    ) -> asyncio.Future[None]:
         fields: dict[_StreamValue, _StreamValue] = {
             "seq": event["seq"],
             "delta": event["delta"],
@@ -141,18 +143,25 @@ class RedisPublisher:
             pipe.publish(channel, payload)
             return 4 if restart else 2
 
-        loop = asyncio.get_running_loop()
-        sent: asyncio.Future[None] = loop.create_future()
+        sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._deltas.append((add_commands, sent))
-        if len(self._deltas) == 1:
-            loop.call_soon(self._send_deltas)
-        await sent
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.ensure_future(self._send_queued())
+        return sent
 
-    def _send_deltas(self) -> None:
-        batch, self._deltas = self._deltas, []
-        task = asyncio.ensure_future(self._send(batch))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+    async def _send_queued(self) -> None:
+        """Send the queued deltas, one pipeline at a time: what is queued while one is
+        on its way goes in the next, so no two batches can overtake each other."""
+        while self._deltas:
+            batch, self._deltas = self._deltas, []
+            try:
+                await self._send(batch)
+            finally:
+                # Cancelled (the worker stopping) or broken in an unforeseen way: no
+                # reply may wait for a delta that will never be sent.
+                for _add, sent in batch:
+                    if not sent.done():
+                        sent.set_exception(EventsUnavailable("the delta was not sent"))
 
     async def _send(self, batch: list[tuple[Callable[[Any], int], asyncio.Future[None]]]) -> None:
         try:

@@ -103,9 +103,9 @@ class LiveReply:
         self._last_delta_s = 0.0
         self._last_save_s = 0.0
         self._last_progress_s = 0.0
-        self._flush_lock = asyncio.Lock()
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_task: asyncio.Task[None] | None = None
+        # The newest delta handed to the publisher; the final event waits for it.
+        self._last_sent: asyncio.Future[None] | None = None
 
     @property
     def text(self) -> str:
@@ -134,9 +134,11 @@ class LiveReply:
             now_s - self._last_delta_s >= self._options.delta_window_s
             or self._pending_chars >= self._options.delta_max_chars
         ):
-            await self.flush()
-        else:
-            self._arm_timer(now_s)
+            self._send_pending()
+        elif self._timer is None:
+            # Text that arrives inside a window still goes out when the window closes.
+            delay_s = self._last_delta_s + self._options.delta_window_s - now_s
+            self._timer = asyncio.get_running_loop().call_later(delay_s, self._on_timer)
         if now_s - self._last_save_s >= self._options.save_interval_s:
             await self._save_partial(now_s)
         if now_s - self._last_progress_s >= PROGRESS_INTERVAL_S:
@@ -154,49 +156,63 @@ class LiveReply:
             raise ReplySuperseded("another run of this job already finished its reply")
         self._opened = True
         self._last_save_s = now_s
-        await self.flush()
+        self._send_pending()
         await self._report_progress(now_s)
-
-    async def flush(self) -> None:
-        """Publish what is pending as one delta; serialized, so deltas keep their order."""
-        async with self._flush_lock:
-            if not self._pending:
-                return
-            delta = "".join(self._pending)
-            self._pending.clear()
-            self._pending_chars = 0
-            self._seq += 1
-            self._last_delta_s = monotonic_s()
-            event = {
-                "type": "ai_delta",
-                "conversationId": str(self._target.conversation_id),
-                "messageId": str(self._target.message_id),
-                "jobId": str(self._job.job_id),
-                "attempt": self._job.attempt,
-                "seq": self._seq,
-                "delta": delta,
-            }
-            if self._seq == 1:
-                event["restart"] = True
-            try:
-                with self._job.timed("publish_ms"):
-                    await self._publisher.publish_delta(
-                        self._channel, event, stream_key=self._stream_key, restart=self._seq == 1
-                    )
-            except EventsUnavailable as exc:
-                # Deltas are best effort: the text is saved, and the final event carries it.
-                self._warn("Could not publish a reply delta: %s", exc)
-
-    def _arm_timer(self, now_s: float) -> None:
-        """Make sure text that arrives inside a window still goes out when it closes."""
-        if self._timer is not None or (self._timer_task and not self._timer_task.done()):
-            return
-        delay_s = max(self._last_delta_s + self._options.delta_window_s - now_s, 0.0)
-        self._timer = asyncio.get_running_loop().call_later(delay_s, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
-        self._timer_task = asyncio.ensure_future(self.flush())
+        self._send_pending()
+
+    def _send_pending(self) -> None:
+        """Hand what is pending to the publisher as one delta, without waiting for Redis.
+
+        The publisher sends the deltas in the order they were handed over, so
+        nothing here needs to wait for one delta before the next.
+        """
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._pending:
+            return
+        delta = "".join(self._pending)
+        self._pending.clear()
+        self._pending_chars = 0
+        self._seq += 1
+        self._last_delta_s = monotonic_s()
+        event = {
+            "type": "ai_delta",
+            "conversationId": str(self._target.conversation_id),
+            "messageId": str(self._target.message_id),
+            "jobId": str(self._job.job_id),
+            "attempt": self._job.attempt,
+            "seq": self._seq,
+            "delta": delta,
+        }
+        if self._seq == 1:
+            event["restart"] = True
+        sent = self._publisher.send_delta(
+            self._channel, event, stream_key=self._stream_key, restart=self._seq == 1
+        )
+        sent.add_done_callback(self._on_sent)
+        self._last_sent = sent
+
+    def _on_sent(self, sent: asyncio.Future[None]) -> None:
+        if sent.cancelled():
+            return
+        exc = sent.exception()
+        if isinstance(exc, EventsUnavailable):
+            # Deltas are best effort: the text is saved, and the final event carries it.
+            self._warn("Could not publish a reply delta: %s", exc)
+        elif exc is not None:
+            logger.error("Publishing a reply delta failed: %r", exc)
+
+    async def flush(self) -> None:
+        """Publish what is pending and wait until every delta handed over is sent."""
+        self._send_pending()
+        if self._last_sent is None:
+            return
+        with self._job.timed("publish_ms"):
+            await asyncio.wait([self._last_sent])
 
     async def _save_partial(self, now_s: float) -> None:
         self._last_save_s = now_s
@@ -276,8 +292,6 @@ class LiveReply:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._timer_task is not None and not self._timer_task.done():
-            await asyncio.wait([self._timer_task])
 
     def _opening_metadata(self) -> dict[str, Any]:
         # `queue` tells the reply sweep which workers may judge whether the job is gone.

@@ -1,0 +1,93 @@
+"""The publisher's delta queue on the real Redis: deltas handed over without waiting go
+out in order, in few pipelines, and a failure reaches every waiting delta."""
+
+from __future__ import annotations
+
+import asyncio
+from uuid import uuid4
+
+import pytest
+import redis.asyncio as redis
+
+from tests.support import TEST_REDIS_URL, record_events
+from uvian_worker.errors import EventsUnavailable
+from uvian_worker.events import RedisPublisher, conversation_channel, reply_stream_key
+
+
+def delta_event(conversation: str, message: str, seq: int) -> dict[str, object]:
+    return {
+        "type": "ai_delta",
+        "conversationId": conversation,
+        "messageId": message,
+        "attempt": 1,
+        "seq": seq,
+        "delta": f"<{seq}>",
+    }
+
+
+async def test_deltas_handed_over_at_once_arrive_in_order_on_channel_and_stream() -> None:
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    publisher = RedisPublisher(client)
+    replies = [(str(uuid4()), str(uuid4())) for _ in range(20)]
+    pipelines = 0
+    execute = client.pipeline
+
+    def counting_pipeline(*args: object, **kwargs: object) -> object:
+        nonlocal pipelines
+        pipelines += 1
+        return execute(*args, **kwargs)  # type: ignore[arg-type]
+
+    client.pipeline = counting_pipeline  # type: ignore[method-assign]
+    try:
+        async with record_events(*(conversation_channel(c) for c, _ in replies)) as recorder:
+            sent = []
+            # 20 replies × 30 deltas, handed over across several loop turns while the
+            # earlier pipelines are still on their way.
+            for seq in range(1, 31):
+                for conversation, message in replies:
+                    event = delta_event(conversation, message, seq)
+                    sent.append(
+                        publisher.send_delta(
+                            conversation_channel(conversation),
+                            event,
+                            stream_key=reply_stream_key(message),
+                            restart=seq == 1,
+                        )
+                    )
+                if seq % 3 == 0:
+                    await asyncio.sleep(0)
+            await asyncio.gather(*sent)
+            await recorder.wait_for(lambda _c, e: e.get("seq") == 30, count=len(replies))
+
+            for conversation, message in replies:
+                on_channel = [e["seq"] for e in recorder.on(conversation_channel(conversation))]
+                assert on_channel == list(range(1, 31))
+                entries = await client.xrange(reply_stream_key(message))
+                assert [int(fields[b"seq"]) for _id, fields in entries] == list(range(1, 31))
+        assert pipelines <= 12  # one per batch, not one per delta (600)
+    finally:
+        for _conversation, message in replies:
+            await client.delete(reply_stream_key(message))
+        await client.aclose()
+
+
+async def test_a_failed_pipeline_fails_every_delta_it_carried() -> None:
+    # Nothing listens on this port: every send fails as Redis being unavailable.
+    client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    publisher = RedisPublisher(client)
+    conversation, message = str(uuid4()), str(uuid4())
+    try:
+        sent = [
+            publisher.send_delta(
+                conversation_channel(conversation),
+                delta_event(conversation, message, seq),
+                stream_key=reply_stream_key(message),
+                restart=seq == 1,
+            )
+            for seq in (1, 2, 3)
+        ]
+        for future in sent:
+            with pytest.raises(EventsUnavailable):
+                await future
+    finally:
+        await client.aclose()

@@ -13,6 +13,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from tests.faults import HOST, PgBouncer, PrivatePostgres, PrivateRedis, TcpProxy
+from tests.faults.postgres import require_pgbouncer
 from uvian_worker.errors import StoreUnavailable
 from uvian_worker.store.database import Database
 
@@ -28,6 +29,7 @@ def postgres() -> Iterator[PrivatePostgres]:
 
 @pytest.fixture(scope="module")
 def bouncer(postgres: PrivatePostgres) -> Iterator[PgBouncer]:
+    require_pgbouncer()
     with PgBouncer(postgres.port, pool_size=20, max_client_conn=500) as server:
         yield server
 

@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.faults.servers import (
     HOST,
     START_TIMEOUT_S,
@@ -174,7 +176,7 @@ class PgBouncer(ManagedServer):
 
     def start(self) -> None:
         """Start (again) on the same port; returns once it accepts connections."""
-        command = [shutil.which("pgbouncer") or "/usr/sbin/pgbouncer", "config.ini"]
+        command = [pgbouncer_binary() or "pgbouncer", "config.ini"]
         with open(self._dir / "pgbouncer.log", "ab") as log:
             self._process = subprocess.Popen(
                 command,
@@ -217,3 +219,16 @@ def _postgres_bin_dir() -> Path:
     if not found:
         raise FaultInfraError("no PostgreSQL server binaries under /usr/lib/postgresql")
     return found[-1].parent
+
+
+def pgbouncer_binary() -> str | None:
+    """Debian's pgbouncer, which .ci/run installs; None on a machine without it."""
+    found = shutil.which("pgbouncer")
+    if found is None and Path("/usr/sbin/pgbouncer").exists():
+        found = "/usr/sbin/pgbouncer"
+    return found
+
+
+def require_pgbouncer() -> None:
+    if pgbouncer_binary() is None:
+        pytest.skip("pgbouncer is not installed (apt-get install pgbouncer)")

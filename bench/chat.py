@@ -3,7 +3,12 @@ the simulator at zero latency and at a realistic one (300 ms to the first token,
 50 tokens/s, 200 tokens).
 
     python -m bench.chat [--concurrency 1 100 1000] [--latency zero realistic]
-                         [--jobs N] [--keep-logs]
+                         [--jobs N] [--arrival-rate R] [--pooler none|transaction]
+                         [--keep-logs]
+
+`--arrival-rate R` adds the jobs one by one, R per second, instead of all at once;
+`--pooler` is the workers' DATABASE_POOLER (default `none`: the benchmark reaches
+Postgres directly).
 
 Each phase starts a fresh worker process (so its peak RSS is that phase's),
 gives each job a conversation of its own, and waits until every job's row is
@@ -59,9 +64,15 @@ async def run_setups(setups: Sequence[PhaseSetup], keep_logs: bool = False) -> l
     return summaries
 
 
+def arrival(summary: dict[str, Any]) -> str:
+    rate = summary.get("arrival_per_s")
+    return "at once" if rate is None else f"{rate:g}/s"
+
+
 def phase_line(summary: dict[str, Any]) -> str:
     return (
-        f"{summary['latency']} latency, concurrency {summary['concurrency']} "
+        f"{summary['latency']} latency, concurrency {summary['concurrency']}, "
+        f"jobs added {arrival(summary)}, DATABASE_POOLER={summary['pooler']} "
         f"({summary['processes']} process(es)): {summary['completed']}/{summary['jobs']} "
         f"completed in {summary['seconds']} s"
     )
@@ -72,6 +83,8 @@ def report(summaries: Sequence[dict[str, Any]]) -> None:
         "latency",
         "conc",
         "procs",
+        "arrival",
+        "pooler",
         "jobs/s",
         "ideal",
         "effic.",
@@ -92,6 +105,8 @@ def report(summaries: Sequence[dict[str, Any]]) -> None:
             s["latency"],
             str(s["concurrency"]),
             str(s["processes"]),
+            arrival(s),
+            s["pooler"],
             fmt(s["jobs_per_s"]),
             fmt(s["ideal_jobs_per_s"]),
             fmt(s["efficiency"], 3),
@@ -122,10 +137,18 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 100, 1000])
     parser.add_argument("--latency", choices=list(LATENCIES), nargs="+", default=list(LATENCIES))
     parser.add_argument("--jobs", type=int, help="jobs per phase (default: a few rounds)")
+    parser.add_argument("--arrival-rate", type=float, help="jobs added per second (open loop)")
+    parser.add_argument("--pooler", choices=["none", "transaction"], default="none")
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args()
     setups = [
-        PhaseSetup(LATENCIES[name], c, args.jobs or default_jobs(LATENCIES[name], c))
+        PhaseSetup(
+            LATENCIES[name],
+            c,
+            args.jobs or default_jobs(LATENCIES[name], c),
+            arrival_per_s=args.arrival_rate,
+            pooler=args.pooler,
+        )
         for name in args.latency
         for c in args.concurrency
     ]

@@ -5,6 +5,10 @@
   equal length run in rounds; this leaves out the first round's ramp-up and
   counts every later slot refill, queue and worker overhead included.
 - ideal: concurrency ÷ the simulator's reply time; efficiency is their ratio.
+- arrival: every job added at once (the worker always has `concurrency` jobs in
+  flight, so a job's time includes waiting for the CPU behind the others:
+  Little's law makes it concurrency ÷ jobs/s), or added one by one at a fixed
+  rate below what the worker can take (paced: a job waits for nobody).
 - worker-added time: the runner's duration of the job (from its "Job started"
   to its "Job completed" line: Postgres, the turn, the provider request and
   stream, the saved reply, the events) minus the simulator's own time for the
@@ -43,6 +47,8 @@ def summarize(record: PhaseRecord) -> dict[str, Any]:
         "latency": setup.latency.name,
         "concurrency": concurrency,
         "processes": setup.processes,
+        "arrival_per_s": setup.arrival_per_s,
+        "pooler": setup.pooler,
         "jobs": setup.jobs,
         "completed": len(completed),
         "failed": len(finals) - len(completed),

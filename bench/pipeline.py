@@ -175,6 +175,12 @@ class PhaseSetup:
     jobs: int
     processes: int = 1
     probes: int = 40
+    # None: every job is added at once (the workers always have `concurrency` in
+    # flight); a rate: jobs added one by one at that many per second (open loop).
+    arrival_per_s: float | None = None
+    # DATABASE_POOLER of the workers: the benchmarks reach Postgres directly, for
+    # which `none` is the setting (README); `transaction` measures the pooler-safe path.
+    pooler: str = "none"
 
     @property
     def deadline_s(self) -> float:
@@ -207,6 +213,7 @@ async def run_phase(
         prefix=prefix,
         concurrency=setup.concurrency,
         simulator_url=simulator.url,
+        DATABASE_POOLER=setup.pooler,
     )
     workers = WorkerProcesses(setup.processes, env, log_dir / prefix)
     try:
@@ -215,7 +222,10 @@ async def run_phase(
         async with DeltaRecorder([chat for chat in chats if chat.probed]) as deltas:
             before, sim_before = workers.readings(), read_process(simulator.pid)
             started_s = time.monotonic()
-            await _enqueue(prefix, chats)
+            if setup.arrival_per_s is None:
+                await _enqueue(prefix, chats)
+            else:
+                await _enqueue_paced(prefix, chats, setup.arrival_per_s)
             statuses = await _until_finished(seeds.database, chats, setup.deadline_s)
             seconds = time.monotonic() - started_s
             after, sim_after = workers.readings(), read_process(simulator.pid)
@@ -252,6 +262,20 @@ async def _enqueue(prefix: str, chats: list[SeededChat]) -> None:
                     for chat in batch
                 ]
             )
+    finally:
+        await queue.close()
+
+
+async def _enqueue_paced(prefix: str, chats: list[SeededChat], per_s: float) -> None:
+    """Add the jobs one by one, the n-th at n ÷ `per_s` seconds from the start."""
+    queue = Queue(CHAT_QUEUE, {"connection": REDIS_URL, "prefix": prefix})
+    try:
+        started_s = time.monotonic()
+        for n, chat in enumerate(chats):
+            wait_s = started_s + n / per_s - time.monotonic()
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
+            await queue.add("ai-chat", chat.data(), {**JOB_OPTIONS, "jobId": str(chat.job_id)})
     finally:
         await queue.close()
 

@@ -41,7 +41,7 @@ async def test_deltas_handed_over_at_once_arrive_in_order_on_channel_and_stream(
     try:
         async with record_events(*(conversation_channel(c) for c, _ in replies)) as recorder:
             sent = []
-            # 20 replies × 30 deltas, handed over across several loop turns while the
+            # 20 replies of 30 deltas each, handed over across several loop turns while the
             # earlier pipelines are still on their way.
             for seq in range(1, 31):
                 for conversation, message in replies:

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from tests.faults import PgBouncer, PrivatePostgres, PrivateRedis
-from tests.faults.postgres import require_pgbouncer
 from tests.support import (
     QueueWatcher,
     WorkerProcess,
@@ -149,7 +148,6 @@ async def test_postgres_restarted_mid_job_is_retried_and_completes(
 async def test_200_concurrent_jobs_behind_pgbouncer_in_transaction_mode(
     migrated_dsn: str, database: Database, simulator: RunningSimulator
 ) -> None:
-    require_pgbouncer()
     chats = [await seed_chat_job(database, f"Pooled {n} [[sim:tokens=20]]") for n in range(200)]
     with PgBouncer(5432, pool_size=10) as bouncer:
         settings = settings_for_test(

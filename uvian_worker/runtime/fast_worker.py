@@ -22,6 +22,12 @@ What stays as it was:
 - failures: a failed attempt goes through `Job.moveToFailed` as before (retry
   with backoff, or failed), and its slot then ends; the main loop opens the
   next one with `moveToActive`. Only completions fetch the next job;
+- fetching: the package's main loop opens a fetch for every free slot at once
+  (it starts them all before any of them sees the queue empty), so every job
+  that reached a worker with N free slots cost about N `moveToActive` calls.
+  Here those fetches take turns, and one that waited its turn while another
+  found the queue empty returns empty-handed without asking Redis; the
+  blocking wait for the next job is the package's, unchanged;
 - a forced close cancels the slots as it cancels the stock worker's tasks: a
   job fetched by a finishing call that was cut off is in `active` under a lock
   nobody renews, and the stalled check puts it back in the queue once the lock
@@ -34,14 +40,64 @@ The method names `processJob` and the events (`active`, `completed`, `failed`,
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from typing import Any
 
 from bullmq import Job, UnrecoverableError, Worker
 from bullmq.custom_errors import DelayedError, WaitingChildrenError
 
+logger = logging.getLogger(__name__)
+
+_RECANCEL_EVERY_S = 0.5
+
 
 class FastWorker(Worker):  # type: ignore[misc]  # bullmq ships without type information
+    _fetch_turn: asyncio.Lock | None = None
+    _empty_answers = 0  # how many fetches found the queue empty so far
+
+    async def moveToActive(self, token: str) -> Job | None:
+        """The package's fetch, in turns: skipped when the queue was found empty meanwhile.
+
+        The fetch that follows the blocking wait (a job was signalled) never waits.
+        """
+        waiter = self.waiting
+        if waiter is not None and waiter.done():
+            return await super().moveToActive(token)
+        if self._fetch_turn is None:
+            self._fetch_turn = asyncio.Lock()
+        empty_answers = self._empty_answers
+        async with self._fetch_turn:
+            if self._empty_answers != empty_answers:
+                return None
+            job: Job | None = await super().moveToActive(token)
+            if job is None:
+                self._empty_answers += 1
+            return job
+
+    async def close(self, force: bool = False) -> None:
+        """The package's close, with its cancel of the blocking wait repeated until it holds.
+
+        A cancel can be lost inside the Redis client: the cancelled wait went
+        back to reading its socket (redis-py 8.2 retrying the command, as far as
+        the stack showed) and close() waited for it, in about one run in twenty
+        of tests/test_fast_worker.py. Repeating the cancel ends the new wait.
+        """
+        watchdog = asyncio.ensure_future(self._cancel_lingering_wait())
+        try:
+            await super().close(force)
+        finally:
+            watchdog.cancel()
+
+    async def _cancel_lingering_wait(self) -> None:
+        while True:
+            await asyncio.sleep(_RECANCEL_EVERY_S)
+            waiter = self.waiting
+            if waiter is not None and not waiter.done():
+                logger.debug("the blocking wait outlived its cancel; cancelling it again")
+                waiter.cancel()
+
     async def processJob(self, job: Job, token: str) -> None:
         """Run `job`, then every job its slot fetches while finishing the previous one."""
         next_job: Job | None = job

@@ -163,6 +163,21 @@ async def test_done_ends_the_reply_without_waiting_for_the_body_to_end(
     assert chunks[-1].finish_reason == "stop"
 
 
+async def test_done_without_a_finish_reason_is_a_normal_end(
+    serve: Serve, open_provider: Callable[[str], OpenAIProvider]
+) -> None:
+    # Some servers and proxies send no finish reason; `[DONE]` is the end all the same,
+    # in the read that carried the text or in one of its own.
+    for pieces in ([delta("Hi") + DONE], [delta("Hi"), DONE]):
+        upstream = Upstream(pieces)
+        provider = open_provider(await serve(upstream.handle))
+
+        chunks = await run(provider)
+
+        assert "".join(chunk.text for chunk in chunks) == "Hi"
+        assert all(chunk.finish_reason is None for chunk in chunks)
+
+
 async def test_finish_then_end_of_body_without_done_is_a_normal_end(
     serve: Serve, open_provider: Callable[[str], OpenAIProvider]
 ) -> None:

@@ -102,9 +102,10 @@ class OpenAIProvider:
                 # reads, not with the tokens a busy upstream packs into each of them.
                 batch = _Batch()
                 failure: WorkerError | None = None
+                done = False
                 for event in events:
                     if event.strip() == _DONE:
-                        reached_end = True
+                        reached_end = done = True
                         break
                     try:
                         self._read_event(event, batch)
@@ -118,6 +119,9 @@ class OpenAIProvider:
                     yield chunk
                 if failure is not None:
                     raise failure
+                if done:
+                    # `[DONE]` ends the reply whether or not a finish reason came first.
+                    return
             if not finish_seen:
                 raise StreamTruncated("openai: the stream ended before the reply finished")
         finally:

@@ -91,3 +91,36 @@ async def test_a_failed_pipeline_fails_every_delta_it_carried() -> None:
                 await future
     finally:
         await client.aclose()
+
+
+async def test_deltas_queued_behind_a_batch_that_broke_are_failed_not_left_waiting() -> None:
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    publisher = RedisPublisher(client)
+    conversation, message = str(uuid4()), str(uuid4())
+    started = asyncio.Event()
+
+    async def breaking_send(_batch: object) -> None:
+        started.set()
+        await asyncio.sleep(0.05)  # the next deltas are queued meanwhile
+        raise RuntimeError("unforeseen")
+
+    publisher._send = breaking_send  # type: ignore[method-assign]
+
+    def send(seq: int) -> asyncio.Future[None]:
+        return publisher.send_delta(
+            conversation_channel(conversation),
+            delta_event(conversation, message, seq),
+            stream_key=reply_stream_key(message),
+            restart=seq == 1,
+        )
+
+    try:
+        first = send(1)
+        await started.wait()
+        queued_behind = [send(2), send(3)]
+        async with asyncio.timeout(5):
+            for future in (first, *queued_behind):
+                with pytest.raises(EventsUnavailable):
+                    await future
+    finally:
+        await client.aclose()

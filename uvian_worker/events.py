@@ -156,12 +156,21 @@ class RedisPublisher:
             batch, self._deltas = self._deltas, []
             try:
                 await self._send(batch)
-            finally:
+            except BaseException as exc:
                 # Cancelled (the worker stopping) or broken in an unforeseen way: no
-                # reply may wait for a delta that will never be sent.
-                for _add, sent in batch:
-                    if not sent.done():
-                        sent.set_exception(EventsUnavailable("the delta was not sent"))
+                # reply may wait for a delta that will never be sent, this batch's
+                # or one queued behind it.
+                self._fail_queued(batch)
+                if not isinstance(exc, Exception):
+                    raise
+                logger.exception("Sending reply deltas failed")
+                return
+
+    def _fail_queued(self, batch: list[tuple[Callable[[Any], int], asyncio.Future[None]]]) -> None:
+        batch, self._deltas = batch + self._deltas, []
+        for _add, sent in batch:
+            if not sent.done():
+                sent.set_exception(EventsUnavailable("the delta was not sent"))
 
     async def _send(self, batch: list[tuple[Callable[[Any], int], asyncio.Future[None]]]) -> None:
         try:

@@ -223,6 +223,23 @@ async def test_waiting_fetches_end_at_once_when_an_idle_worker_closes(bench: Ben
     assert asyncio.get_running_loop().time() - started_s < 1.0
 
 
+async def test_fetches_waiting_their_turn_take_no_job_once_paused(bench: Bench) -> None:
+    # Shutdown pauses the worker, then waits for the jobs it runs. Fetches already
+    # waiting their turn went on taking jobs one by one while paused; nothing ran them,
+    # the drain did not see them, and they ran again after their locks lapsed.
+    gate = Gate(expected=1)
+    worker = bench.start(gate, concurrency=200)
+    await bench.add(200)
+    await gate.until_full()
+    await worker.pause(do_not_wait_active=True)
+    await asyncio.sleep(0.3)  # a fetch already on its way lands
+
+    active = (await bench.counts())["active"]
+    held = len(worker.jobs)
+    gate.open.set()
+    assert active <= held + 1
+
+
 async def test_close_ends_a_blocking_wait_that_swallowed_its_cancel(bench: Bench) -> None:
     # redis-py retries a blocking read its own read timeout ended; a cancel landing then
     # was lost and close() waited for the new read (one run in about twenty of this file).

@@ -58,7 +58,8 @@ class FastWorker(Worker):  # type: ignore[misc]  # bullmq ships without type inf
     _empty_answers = 0  # how many fetches found the queue empty so far
 
     async def moveToActive(self, token: str) -> Job | None:
-        """The package's fetch, in turns: skipped when the queue was found empty meanwhile.
+        """The package's fetch, in turns: skipped when the queue was found empty meanwhile,
+        or the worker began to pause or close.
 
         The fetch that follows the blocking wait (a job was signalled) never waits.
         """
@@ -69,7 +70,9 @@ class FastWorker(Worker):  # type: ignore[misc]  # bullmq ships without type inf
             self._fetch_turn = asyncio.Lock()
         empty_answers = self._empty_answers
         async with self._fetch_turn:
-            if self._empty_answers != empty_answers:
+            # Paused or closing while this fetch waited: a job taken now would sit in
+            # `active` with nothing to run it, unseen by the shutdown's drain.
+            if self._empty_answers != empty_answers or self.paused or self.closing:
                 return None
             job: Job | None = await super().moveToActive(token)
             if job is None:

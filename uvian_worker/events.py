@@ -33,6 +33,11 @@ REPLY_STREAM_LIVE_TTL_S = 3_600  # while a reply is generating
 REPLY_STREAM_ENDED_TTL_S = 300  # after its final event
 
 
+# A queued delta: what adds its commands to a pipeline (returning how many), and the
+# future its sender waits on.
+_Queued = list[tuple[Callable[[Any], int], asyncio.Future[None]]]
+
+
 class Publisher(Protocol):
     async def publish(self, channel: str, event: Mapping[str, Any]) -> None: ...
 
@@ -115,7 +120,7 @@ class RedisPublisher:
 
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
-        self._deltas: list[tuple[Callable[[Any], int], asyncio.Future[None]]] = []
+        self._deltas: _Queued = []
         self._sender: asyncio.Task[None] | None = None
 
     async def publish(self, channel: str, event: Mapping[str, Any]) -> None:
@@ -166,13 +171,13 @@ class RedisPublisher:
                 logger.exception("Sending reply deltas failed")
                 return
 
-    def _fail_queued(self, batch: list[tuple[Callable[[Any], int], asyncio.Future[None]]]) -> None:
+    def _fail_queued(self, batch: _Queued) -> None:
         batch, self._deltas = batch + self._deltas, []
         for _add, sent in batch:
             if not sent.done():
                 sent.set_exception(EventsUnavailable("the delta was not sent"))
 
-    async def _send(self, batch: list[tuple[Callable[[Any], int], asyncio.Future[None]]]) -> None:
+    async def _send(self, batch: _Queued) -> None:
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 counts = [add_commands(pipe) for add_commands, _sent in batch]

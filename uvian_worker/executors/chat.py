@@ -199,7 +199,7 @@ class ChatExecutor:
             await self._end_unfinished(job, reply, prompt, exc)
             raise
         finally:
-            await reply.close()
+            reply.close()
 
         if stopped and job.stop.quiet:
             raise ReplySuperseded(job.cancel_reason)

@@ -244,7 +244,7 @@ class LiveReply:
 
         Returns false, publishing nothing, when another run owns the reply.
         """
-        await self.close()
+        self.close()
         await self.flush()
         record = self._record(status, self.text, metadata)
         with self._job.timed("db_ms"):
@@ -281,13 +281,13 @@ class LiveReply:
 
     async def suspend(self, attempt_entry: dict[str, Any]) -> None:
         """A transient failure with attempts left: record the attempt, keep the reply open."""
-        await self.close()
+        self.close()
         await self.flush()
         await self._store.suspend_reply(
             self._job.job_id, self._target.run_id, attempt_entry, self.text
         )
 
-    async def close(self) -> None:
+    def close(self) -> None:
         """Stop the delta timer; safe on every exit path, cancellation included."""
         if self._timer is not None:
             self._timer.cancel()

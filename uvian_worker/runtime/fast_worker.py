@@ -22,12 +22,6 @@ What stays as it was:
 - failures: a failed attempt goes through `Job.moveToFailed` as before (retry
   with backoff, or failed), and its slot then ends; the main loop opens the
   next one with `moveToActive`. Only completions fetch the next job;
-- fetching: the package's main loop opens a fetch for every free slot at once
-  (it starts them all before any of them sees the queue empty), so every job
-  that reached a worker with N free slots cost about N `moveToActive` calls.
-  Here those fetches take turns, and one that waited its turn while another
-  found the queue empty returns empty-handed without asking Redis; the
-  blocking wait for the next job is the package's, unchanged;
 - a forced close cancels the slots as it cancels the stock worker's tasks: a
   job fetched by a finishing call that was cut off is in `active` under a lock
   nobody renews, and the stalled check puts it back in the queue once the lock
@@ -36,6 +30,13 @@ What stays as it was:
 The method names `processJob` and the events (`active`, `completed`, `failed`,
 `error`) are the package's own; the runtime builds this class where it built
 `bullmq.Worker`, with the same options.
+
+What differs is the main loop. The package's opens a fetch for every free slot
+at once (it starts them all before any of them sees the queue empty), so every
+job that reached a worker with N free slots cost about N `moveToActive` calls
+and N tasks, and it waits on all its tasks at every wake. `FastWorker.run`
+opens one slot at a time, the next when the last one's fetch has answered; the
+blocking wait for the next job is the package's, unchanged.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from typing import Any
 
 from bullmq import Job, UnrecoverableError, Worker
 from bullmq.custom_errors import DelayedError, WaitingChildrenError
+from bullmq.timer import Timer
 
 logger = logging.getLogger(__name__)
 
@@ -54,30 +56,84 @@ _RECANCEL_EVERY_S = 0.5
 
 
 class FastWorker(Worker):  # type: ignore[misc]  # bullmq ships without type information
-    _fetch_turn: asyncio.Lock | None = None
-    _empty_answers = 0  # how many fetches found the queue empty so far
+    running: bool  # the package's flags, set in its __init__
+    _fetching = False  # a slot is asking Redis for a job (or waiting for one)
+    _slot_news: asyncio.Event | None = None  # a fetch or a slot ended: the main loop looks
 
-    async def moveToActive(self, token: str) -> Job | None:
-        """The package's fetch, in turns: skipped when the queue was found empty meanwhile,
-        or the worker began to pause or close.
+    async def run(self) -> None:
+        """The main loop: open slots while there is room, one fetch at a time.
 
-        The fetch that follows the blocking wait (a job was signalled) never waits.
+        The package's loop opens a fetch for every free slot at once and then waits
+        on all its tasks with `asyncio.wait`, which registers a callback on each of
+        them every time it wakes: every job that reached an idle worker cost a task
+        and a script call per free slot, and every wake cost the whole set. Here a
+        slot is one task (its fetch, then the job it got), the main loop opens the
+        next one when the last fetch has answered, and each slot tells the loop
+        itself when its fetch answered and when it ended.
         """
-        waiter = self.waiting
-        if waiter is not None and waiter.done():
-            return await super().moveToActive(token)
-        if self._fetch_turn is None:
-            self._fetch_turn = asyncio.Lock()
-        empty_answers = self._empty_answers
-        async with self._fetch_turn:
-            # Paused or closing while this fetch waited: a job taken now would sit in
-            # `active` with nothing to run it, unseen by the shutdown's drain.
-            if self._empty_answers != empty_answers or self.paused or self.closing:
-                return None
-            job: Job | None = await super().moveToActive(token)
-            if job is None:
-                self._empty_answers += 1
-            return job
+        if self.running:
+            raise RuntimeError("Worker is already running")
+        await self._ensure_client_names()
+        self.lockManager.start()
+        self.stalledCheckTimer = Timer(
+            self.opts["stalledInterval"] / 1000, self.runStalledJobsCheck, self.emit
+        )
+        self.running = True
+        news = self._slot_news = asyncio.Event()
+        opened = 0
+        try:
+            while not self.closed:
+                if self.paused and not self.closing:
+                    await self.resume_event.wait()
+                    continue
+                if self.closing:
+                    # The slots finish their jobs; none asks for another.
+                    if not self.processing:
+                        break
+                elif not self._fetching and len(self.processing) < self.opts["concurrency"]:
+                    opened += 1
+                    self._open_slot(f"{self.id}:{opened}")
+                news.clear()
+                await news.wait()
+        finally:
+            self.running = False
+            if not self.closing:
+                # Cancelled from outside: no slot may outlive the loop.
+                for task in self.processing:
+                    task.cancel()
+                if self.processing:
+                    await asyncio.gather(*self.processing, return_exceptions=True)
+                self.processing.clear()
+            self.stalledCheckTimer.stop()
+            await self.lockManager.close()
+
+    def _open_slot(self, token: str) -> None:
+        self._fetching = True
+        slot = asyncio.ensure_future(self._slot(token))
+        self.processing.add(slot)
+        slot.add_done_callback(self._slot_ended)
+
+    async def _slot(self, token: str) -> None:
+        try:
+            job = await self.retryIfFailed(
+                lambda: self.getNextJob(token),
+                {"delay_in_ms": self.opts["runRetryDelay"], "only_emit_error": True},
+            )
+        finally:
+            self._fetching = False
+            self._tell_main_loop()
+        if job is not None:
+            await self.processJob(job, token)
+
+    def _slot_ended(self, slot: asyncio.Future[None]) -> None:
+        self.processing.discard(slot)
+        if not slot.cancelled() and slot.exception() is not None:
+            self.emit("error", slot.exception())
+        self._tell_main_loop()
+
+    def _tell_main_loop(self) -> None:
+        if self._slot_news is not None:
+            self._slot_news.set()
 
     async def close(self, force: bool = False) -> None:
         """The package's close, with its cancel of the blocking wait repeated until it holds.

@@ -1,14 +1,17 @@
 """The publisher's delta queue on the real Redis: deltas handed over without waiting go
-out in order, in few pipelines, and a failure reaches every waiting delta."""
+out in order, in few round trips, a connection Redis dropped is replaced, and a failure
+reaches every waiting delta."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 from uuid import uuid4
 
 import pytest
 import redis.asyncio as redis
 
+from tests.faults.redis_server import PrivateRedis
 from tests.support import TEST_REDIS_URL, record_events
 from uvian_worker.errors import EventsUnavailable
 from uvian_worker.events import RedisPublisher, conversation_channel, reply_stream_key
@@ -29,15 +32,15 @@ async def test_deltas_handed_over_at_once_arrive_in_order_on_channel_and_stream(
     client = redis.Redis.from_url(TEST_REDIS_URL)
     publisher = RedisPublisher(client)
     replies = [(str(uuid4()), str(uuid4())) for _ in range(20)]
-    pipelines = 0
-    execute = client.pipeline
+    round_trips = 0
+    round_trip = publisher._round_trip
 
-    def counting_pipeline(*args: object, **kwargs: object) -> object:
-        nonlocal pipelines
-        pipelines += 1
-        return execute(*args, **kwargs)  # type: ignore[arg-type]
+    async def counting_round_trip(packed: bytes, count: int) -> list[object]:
+        nonlocal round_trips
+        round_trips += 1
+        return await round_trip(packed, count)
 
-    client.pipeline = counting_pipeline  # type: ignore[method-assign]
+    publisher._round_trip = counting_round_trip  # type: ignore[method-assign]
     try:
         async with record_events(*(conversation_channel(c) for c, _ in replies)) as recorder:
             sent = []
@@ -64,14 +67,61 @@ async def test_deltas_handed_over_at_once_arrive_in_order_on_channel_and_stream(
                 assert on_channel == list(range(1, 31))
                 entries = await client.xrange(reply_stream_key(message))
                 assert [int(fields[b"seq"]) for _id, fields in entries] == list(range(1, 31))
-        assert pipelines <= 12  # one per batch, not one per delta (600)
+        assert round_trips <= 12  # one per batch, not one per delta (600)
     finally:
         for _conversation, message in replies:
             await client.delete(reply_stream_key(message))
         await client.aclose()
 
 
-async def test_a_failed_pipeline_fails_every_delta_it_carried() -> None:
+def send_one(publisher: RedisPublisher, conversation: str, message: str, seq: int) -> Any:
+    return publisher.send_delta(
+        conversation_channel(conversation),
+        delta_event(conversation, message, seq),
+        stream_key=reply_stream_key(message),
+        restart=seq == 1,
+    )
+
+
+async def test_a_stream_entry_refused_still_publishes_the_delta() -> None:
+    # An older run of a taken-over job streaming beside the new one: its entry ids are
+    # not above the stream's last, Redis refuses the XADD, the publish goes on.
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    publisher = RedisPublisher(client)
+    conversation, message = str(uuid4()), str(uuid4())
+    try:
+        async with record_events(conversation_channel(conversation)) as recorder:
+            await send_one(publisher, conversation, message, 1)
+            await send_one(publisher, conversation, message, 5)
+            await send_one(publisher, conversation, message, 3)  # refused by the stream
+            await recorder.wait_for(lambda _c, e: e.get("seq") == 3)
+        entries = await client.xrange(reply_stream_key(message))
+        assert [int(fields[b"seq"]) for _id, fields in entries] == [1, 5]
+        assert [e["seq"] for e in recorder.on(conversation_channel(conversation))] == [1, 5, 3]
+    finally:
+        await client.delete(reply_stream_key(message))
+        await client.aclose()
+
+
+async def test_a_connection_redis_dropped_is_replaced_and_the_delta_goes_out() -> None:
+    with PrivateRedis() as server:
+        client = redis.Redis.from_url(server.url)
+        publisher = RedisPublisher(client)
+        conversation, message = str(uuid4()), str(uuid4())
+        try:
+            await send_one(publisher, conversation, message, 1)  # pools a connection
+            await asyncio.to_thread(server.stop)
+            await asyncio.to_thread(server.start)  # the pooled connection is dead now
+
+            await send_one(publisher, conversation, message, 2)
+
+            entries = await client.xrange(reply_stream_key(message))
+            assert [int(fields[b"seq"]) for _id, fields in entries] == [2]
+        finally:
+            await client.aclose()
+
+
+async def test_a_failed_round_trip_fails_every_delta_it_carried() -> None:
     # Nothing listens on this port: every send fails as Redis being unavailable.
     client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
     publisher = RedisPublisher(client)

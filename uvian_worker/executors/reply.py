@@ -87,6 +87,14 @@ class LiveReply:
         self._publisher = publisher
         self._options = options
         self._channel = events.conversation_channel(target.conversation_id)
+        # What every delta event of this run repeats, made once (a reply sends ~20 a second).
+        self._delta_fields: dict[str, Any] = {
+            "type": "ai_delta",
+            "conversationId": str(target.conversation_id),
+            "messageId": str(target.message_id),
+            "jobId": str(job.job_id),
+            "attempt": job.attempt,
+        }
         self._stream_key = events.reply_stream_key(target.message_id)
 
         self.parts: list[str] = []
@@ -179,15 +187,7 @@ class LiveReply:
         self._pending_chars = 0
         self._seq += 1
         self._last_delta_s = monotonic_s()
-        event = {
-            "type": "ai_delta",
-            "conversationId": str(self._target.conversation_id),
-            "messageId": str(self._target.message_id),
-            "jobId": str(self._job.job_id),
-            "attempt": self._job.attempt,
-            "seq": self._seq,
-            "delta": delta,
-        }
+        event = {**self._delta_fields, "seq": self._seq, "delta": delta}
         if self._seq == 1:
             event["restart"] = True
         sent = self._publisher.send_delta(

@@ -189,7 +189,9 @@ class ChatExecutor:
         )
         try:
             stream = consume_stream(
-                self._provider.stream_reply(request), self._options.deadlines, reply.take
+                self._provider.stream_reply(request, pace=reply.next_read_s),
+                self._options.deadlines,
+                reply.take,
             )
             with job.timed("stream_ms"):
                 stopped = await _unless_stopped(stream, job.cancelled)

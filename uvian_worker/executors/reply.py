@@ -3,7 +3,9 @@
 The reply row exists from the first token (status `generating`) and its text is
 saved every `save_interval_s`, so a crash loses little. Deltas are coalesced: at
 most one per `delta_window_s`, sooner when `delta_max_chars` is pending, never
-dropped or reordered, and their concatenation is the saved text. The first
+dropped or reordered, and their concatenation is the saved text. A provider that
+asks `next_read_s` reads the stream once per window, at its close, and that read
+sends the window's delta. The first
 delta of a run carries `restart: true`: a client discards any text it holds for
 that message (an earlier run's) and starts over.
 
@@ -32,6 +34,9 @@ from uvian_worker.store.records import ASSISTANT_PROFILE_ID, ReplyRecord, StaleR
 logger = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 1.0  # BullMQ progress updates, for Node `QueueEvents` listeners
+# The event loop's timers fire up to a millisecond early (it counts in milliseconds):
+# a window is closed this much before its exact end.
+_TIMER_SLACK_S = 0.002
 
 _throttle = LogThrottle()
 
@@ -123,6 +128,15 @@ class LiveReply:
     def opened(self) -> bool:
         return self._opened
 
+    def next_read_s(self) -> float:
+        """When reading more of the stream can next change what clients see: the close of
+        the current delta window (at once before the first token, which goes out as it
+        comes). A provider that asks this reads no sooner, and its read at the close
+        sends what came during the window; the timer is left for text still pending."""
+        if not self._opened:
+            return 0.0
+        return self._last_delta_s + self._options.delta_window_s
+
     async def take(self, chunk: ReplyChunk) -> None:
         """Everything a provider's chunk changes: text, finish reason, usage, model."""
         self.finish_reason = chunk.finish_reason or self.finish_reason
@@ -139,7 +153,7 @@ class LiveReply:
             await self._open(now_s)
             return
         if (
-            now_s - self._last_delta_s >= self._options.delta_window_s
+            now_s - self._last_delta_s >= self._options.delta_window_s - _TIMER_SLACK_S
             or self._pending_chars >= self._options.delta_max_chars
         ):
             self._send_pending()

@@ -10,7 +10,7 @@ job where the protocol has one.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypedDict
 
@@ -48,11 +48,18 @@ class ReplyChunk:
     model: str | None = None
 
 
+# The moment (`time.monotonic()` seconds) before which reading more of a reply's
+# stream cannot change what its clients see; a provider may leave bytes unread until then.
+ReadPace = Callable[[], float]
+
+
 class Provider(Protocol):
     """An LLM backend. `name` is the setting value that selects it."""
 
     name: str
 
-    def stream_reply(self, request: ReplyRequest) -> AsyncIterator[ReplyChunk]: ...
+    def stream_reply(
+        self, request: ReplyRequest, *, pace: ReadPace | None = None
+    ) -> AsyncIterator[ReplyChunk]: ...
 
     async def aclose(self) -> None: ...

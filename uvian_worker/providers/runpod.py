@@ -33,7 +33,7 @@ from uvian_worker.errors import (
     ProviderUnavailable,
     WorkerError,
 )
-from uvian_worker.providers.base import ReplyChunk, ReplyRequest, Usage
+from uvian_worker.providers.base import ReadPace, ReplyChunk, ReplyRequest, Usage
 from uvian_worker.providers.sse import SSEDecoder
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,11 @@ class RunPodProvider:
         if self._owns_session and self._session is not None:
             await self._session.close()
 
-    async def stream_reply(self, request: ReplyRequest) -> AsyncGenerator[ReplyChunk, None]:
+    async def stream_reply(
+        self, request: ReplyRequest, *, pace: ReadPace | None = None
+    ) -> AsyncGenerator[ReplyChunk, None]:
+        # `pace` goes unused: each poll of `/stream` already brings everything produced
+        # since the last one, so the reads follow the polls, not the tokens.
         job = _Job(await self._submit(request), _OutputReader(self._redact))
         try:
             while job.status not in _TERMINAL_STATUSES:

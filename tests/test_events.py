@@ -103,6 +103,26 @@ async def test_a_stream_entry_refused_still_publishes_the_delta() -> None:
         await client.aclose()
 
 
+async def test_any_other_refusal_is_logged_as_a_warning_and_the_delta_still_goes_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A key of the wrong type stands in for out of memory or a read-only replica: the
+    # stream refuses the entry, clients still get the delta, and the log says why.
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    publisher = RedisPublisher(client)
+    conversation, message = str(uuid4()), str(uuid4())
+    await client.set(reply_stream_key(message), "not a stream")
+    try:
+        async with record_events(conversation_channel(conversation)) as recorder:
+            await send_one(publisher, conversation, message, 2)
+            await recorder.wait_for(lambda _c, e: e.get("seq") == 2)
+    finally:
+        await client.delete(reply_stream_key(message))
+        await client.aclose()
+    [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "WRONGTYPE" in warning.getMessage()
+
+
 async def test_a_connection_redis_dropped_is_replaced_and_the_delta_goes_out() -> None:
     with PrivateRedis() as server:
         client = redis.Redis.from_url(server.url)

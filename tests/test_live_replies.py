@@ -68,6 +68,29 @@ async def test_deltas_are_ordered_coalesced_and_add_up_to_the_saved_reply(
     assert (await reply_row(database, chat))["content"] == expected
 
 
+async def test_a_stream_too_fast_for_its_window_is_cut_at_the_size_threshold(
+    database: Database, simulator: RunningSimulator
+) -> None:
+    # The provider reads once per window; a window that brought more than
+    # REPLY_DELTA_MAX_CHARS makes the reads eager, so later deltas keep to the threshold.
+    message = "Fast and long [[sim:tokens=400]] [[sim:tps=400]]"  # 1 s of text
+    chat = await seed_chat_job(database, message)
+    settings = settings_for_test(simulator.url, reply_delta_window_ms=300, reply_delta_max_chars=60)
+
+    async with chat_job_running(settings, chat) as rec:
+        await rec.wait_for(final_status(chat.job_id))
+
+    deltas = [d["delta"] for d in deltas_of(rec.events)]
+    expected = "".join(scripted_reply(message, 400))
+    assert "".join(deltas) == expected
+    longest_token = max(len(token) for token in scripted_reply(message, 400))
+    oversized = [len(d) for d in deltas if len(d) >= 60 + longest_token]
+    # The first paced window (and at most one more) may bring more than the threshold.
+    assert len(oversized) <= 2, [len(d) for d in deltas]
+    # Paced without that, the 1 s reply would be four deltas, each of them oversized.
+    assert len(deltas) >= 10
+
+
 async def test_reply_stream_can_be_read_from_a_middle_sequence_number(
     database: Database, simulator: RunningSimulator
 ) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import random
+import threading
+import time
 from datetime import UTC, datetime
 
 import orjson
@@ -69,6 +72,34 @@ def test_each_line_reaches_the_descriptor_whole_and_at_once() -> None:
     first, second = (orjson.loads(line) for line in data.splitlines())
     assert (first["msg"], first["job_id"], first["level"]) == ("Job started", "j-1", "info")
     assert second["msg"] == "long " + "é" * 3000
+
+
+def test_a_full_non_blocking_descriptor_gets_every_line_whole() -> None:
+    # stderr inherited with O_NONBLOCK (some launchers set it): a full pipe refuses the
+    # write instead of waiting, and a line cut there would be glued onto the next.
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    os.set_blocking(write_end, False)
+    received = bytearray()
+
+    def drain_slowly() -> None:
+        while chunk := os.read(read_end, 1024):
+            received.extend(chunk)
+            time.sleep(0.001)
+
+    reader = threading.Thread(target=drain_slowly)
+    reader.start()
+    try:
+        handler = LineWriter(write_end)
+        handler.setFormatter(JsonFormatter())
+        for n in range(40):
+            handler.handle(line(f"{n} " + "x" * 3000, "INFO"))
+    finally:
+        os.close(write_end)
+        reader.join(timeout=10)
+        os.close(read_end)
+    messages = [orjson.loads(text)["msg"] for text in bytes(received).splitlines()]
+    assert messages == [f"{n} " + "x" * 3000 for n in range(40)]
 
 
 def test_a_descriptor_that_fails_is_reported_not_raised(

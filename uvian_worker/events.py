@@ -19,6 +19,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from uvian_worker.clock import now_s
 from uvian_worker.errors import EventsUnavailable
+from uvian_worker.observability.logs import LogThrottle
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,11 @@ REPLY_STREAM_MAXLEN = 10_000
 REPLY_STREAM_LIVE_TTL_S = 3_600  # while a reply is generating
 REPLY_STREAM_ENDED_TTL_S = 300  # after its final event
 
+
+# Redis's words when an entry's id is not above the stream's last: an older run of a
+# taken-over job still streaming beside the new one. Expected, so not worth a warning.
+_STALE_ENTRY_ID = "equal or smaller than the target stream top item"
+_throttle = LogThrottle()
 
 # A queued delta: its commands, packed in Redis's wire format, and the future its
 # sender waits on.
@@ -121,7 +127,7 @@ class RedisPublisher:
     """Publishes JSON events on a redis-py client (its own pool, not the queue's).
 
     Deltas are the hot path: every streaming reply sends one every 50 ms. Those
-    queued while the previous pipeline is on its way go out together in the next
+    queued while the previous batch is on its way go out together in the next
     (one round trip for all replies), in the order they were queued.
     """
 
@@ -178,7 +184,7 @@ class RedisPublisher:
 
     def _fail_queued(self, batch: _Queued) -> None:
         batch, self._deltas = batch + self._deltas, []
-        for _add, sent in batch:
+        for _commands, sent in batch:
             if not sent.done():
                 sent.set_exception(EventsUnavailable("the delta was not sent"))
 
@@ -207,8 +213,10 @@ class RedisPublisher:
                 sent.set_result(None)
 
     async def _round_trip(self, packed: bytes, count: int) -> list[Any]:
-        """Send packed commands on one pooled connection and read their `count` replies;
-        error replies come back as values.
+        """Send packed commands on one pooled connection and read their `count` replies.
+
+        A command's error reply is kept as its reply and the rest are read on; an
+        error that leaves the connection unusable (a break, LOADING) fails them all.
 
         The pool checks a connection as it hands it out and reconnects one that
         Redis closed (a restart since it was last used). Nothing is resent after a
@@ -263,6 +271,11 @@ class RedisPublisher:
     def _check(results: list[Any]) -> None:
         for result in results:
             if isinstance(result, redis.ResponseError):
-                logger.debug("Reply stream entry refused: %s", result)
+                if _STALE_ENTRY_ID in str(result):
+                    logger.debug("Reply stream entry refused: %s", result)
+                elif _throttle.allow("refused") is not None:
+                    # Out of memory, a read-only replica after a failover, a missing
+                    # permission: the reply goes on, but nobody should have to guess.
+                    logger.warning("Redis refused an event command: %s", result)
             elif isinstance(result, Exception):
                 raise EventsUnavailable(f"cannot publish events: {type(result).__name__}")

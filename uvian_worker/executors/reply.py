@@ -3,11 +3,14 @@
 The reply row exists from the first token (status `generating`) and its text is
 saved every `save_interval_s`, so a crash loses little. Deltas are coalesced: at
 most one per `delta_window_s`, sooner when `delta_max_chars` is pending, never
-dropped or reordered, and their concatenation is the saved text. A provider that
-asks `next_read_s` reads the stream once per window, at its close, and that read
-sends the window's delta. The first
-delta of a run carries `restart: true`: a client discards any text it holds for
-that message (an earlier run's) and starts over.
+dropped or reordered, and their concatenation is the saved text. The first delta
+of a run carries `restart: true`: a client discards any text it holds for that
+message (an earlier run's) and starts over.
+
+A provider that asks `next_read_s` reads the stream once per window, at its
+close, and that read sends the window's delta. A window that brought
+`delta_max_chars` or more (a stream too fast for the window) makes the reads
+eager again, so from then on the size threshold sends deltas as the text comes.
 
 Every run of a chat job has its own `run_id`; the newest run owns the reply.
 When this run's write finds the reply owned by another run, `ReplySuperseded`
@@ -34,8 +37,9 @@ from uvian_worker.store.records import ASSISTANT_PROFILE_ID, ReplyRecord, StaleR
 logger = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 1.0  # BullMQ progress updates, for Node `QueueEvents` listeners
-# The event loop's timers fire up to a millisecond early (it counts in milliseconds):
-# a window is closed this much before its exact end.
+# uvloop's timers can fire a fraction of a millisecond early (they count whole
+# milliseconds): a window counts as closed this much before its exact end, so the read
+# at a window's close always sends.
 _TIMER_SLACK_S = 0.002
 
 _throttle = LogThrottle()
@@ -114,6 +118,7 @@ class LiveReply:
         self._pending: list[str] = []
         self._pending_chars = 0
         self._last_delta_s = 0.0
+        self._last_delta_chars = 0
         self._last_save_s = 0.0
         self._last_progress_s = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -132,8 +137,9 @@ class LiveReply:
         """When reading more of the stream can next change what clients see: the close of
         the current delta window (at once before the first token, which goes out as it
         comes). A provider that asks this reads no sooner, and its read at the close
-        sends what came during the window; the timer is left for text still pending."""
-        if not self._opened:
+        sends what came during the window; the timer is left for text still pending.
+        After a window that brought `delta_max_chars` or more, at once as well."""
+        if not self._opened or self._last_delta_chars >= self._options.delta_max_chars:
             return 0.0
         return self._last_delta_s + self._options.delta_window_s
 
@@ -197,6 +203,7 @@ class LiveReply:
         if not self._pending:
             return
         delta = "".join(self._pending)
+        self._last_delta_chars = self._pending_chars
         self._pending.clear()
         self._pending_chars = 0
         self._seq += 1

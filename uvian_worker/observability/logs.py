@@ -13,6 +13,7 @@ import io
 import logging
 import math
 import os
+import select
 import sys
 import time
 from collections.abc import Iterator
@@ -128,7 +129,13 @@ class LineWriter(logging.Handler):
         try:
             data = (self.format(record) + "\n").encode("utf-8", "replace")
             while data:
-                written = os.write(self._fd, data)
+                try:
+                    written = os.write(self._fd, data)
+                except BlockingIOError:
+                    # A non-blocking stderr that is full: wait for room rather than
+                    # drop the rest of the line (the next would be glued onto it).
+                    select.select([], [self._fd], [])
+                    continue
                 data = data[written:]
         except Exception:  # noqa: BLE001 - logging's own contract: report, never raise
             self.handleError(record)

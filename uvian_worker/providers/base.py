@@ -48,8 +48,9 @@ class ReplyChunk:
     model: str | None = None
 
 
-# The moment (`time.monotonic()` seconds) before which reading more of a reply's
-# stream cannot change what its clients see; a provider may leave bytes unread until then.
+# The moment (on `uvian_worker.clock.monotonic_s`) before which reading more of a
+# reply's stream cannot change what its clients see; a provider may leave bytes unread
+# until then (uvian_worker.providers.pacing).
 ReadPace = Callable[[], float]
 
 

@@ -9,7 +9,6 @@ where aiohttp's errors and the server's error answers become errors of
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -20,7 +19,6 @@ from typing import Any
 import aiohttp
 import orjson
 
-from uvian_worker.clock import monotonic_s
 from uvian_worker.errors import (
     ProviderFailed,
     ProviderRejected,
@@ -29,6 +27,7 @@ from uvian_worker.errors import (
     WorkerError,
 )
 from uvian_worker.providers.base import ReadPace, ReplyChunk, ReplyRequest, Usage
+from uvian_worker.providers.pacing import ReadPacer
 from uvian_worker.providers.sse import SSEDecoder
 
 logger = logging.getLogger(__name__)
@@ -94,7 +93,7 @@ class OpenAIProvider:
         reached_end = False
         try:
             await self._check_status(response)
-            pacer = _ReadPacer(response.content, pace)
+            pacer = ReadPacer(response.content, pace)
             decoder = SSEDecoder()
             finish_seen = False
             while not reached_end:
@@ -278,46 +277,6 @@ class OpenAIProvider:
         if self._api_key is None:
             return text
         return text.replace(self._api_key, "[redacted]")
-
-
-class _ReadPacer:
-    """Holds a reply's next read until its reader can use what the read brings.
-
-    A model streams a token per network packet, and every read costs the event
-    loop about the same whether it brings one token or five. Deltas go out at
-    most once per window, so reading sooner than the window's close only spends
-    CPU: the bytes wait in the client's buffer and the read at the close takes
-    them all. The end of the body cuts a hold short, so the reply's end is not
-    held back.
-    """
-
-    __slots__ = ("_content", "_pace", "_wake")
-
-    def __init__(self, content: aiohttp.StreamReader, pace: ReadPace | None) -> None:
-        self._content = content
-        self._pace = pace
-        self._wake: asyncio.Future[None] | None = None
-        if pace is not None:
-            content.on_eof(self._release)
-
-    async def hold(self) -> None:
-        if self._pace is None:
-            return
-        delay_s = self._pace() - monotonic_s()
-        if delay_s <= 0 or self._content.is_eof():
-            return
-        loop = asyncio.get_running_loop()
-        self._wake = loop.create_future()
-        timer = loop.call_later(delay_s, self._release)
-        try:
-            await self._wake
-        finally:
-            timer.cancel()
-            self._wake = None
-
-    def _release(self) -> None:
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
 
 
 class _Batch:

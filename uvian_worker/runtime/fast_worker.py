@@ -61,16 +61,9 @@ class FastWorker(Worker):  # type: ignore[misc]  # bullmq ships without type inf
     _slot_news: asyncio.Event | None = None  # a fetch or a slot ended: the main loop looks
 
     async def run(self) -> None:
-        """The main loop: open slots while there is room, one fetch at a time.
-
-        The package's loop opens a fetch for every free slot at once and then waits
-        on all its tasks with `asyncio.wait`, which registers a callback on each of
-        them every time it wakes: every job that reached an idle worker cost a task
-        and a script call per free slot, and every wake cost the whole set. Here a
-        slot is one task (its fetch, then the job it got), the main loop opens the
-        next one when the last fetch has answered, and each slot tells the loop
-        itself when its fetch answered and when it ended.
-        """
+        """The main loop: open slots while there is room, one fetch at a time (see the
+        module's docstring). A slot is one task, its fetch and then the job it got; it
+        tells the loop when its fetch answered and when it ended."""
         if self.running:
             raise RuntimeError("Worker is already running")
         await self._ensure_client_names()

@@ -131,14 +131,20 @@ async def enqueue(
 
 
 async def job_state(settings: Settings, job_id: str, queue_name: str | None = None) -> Any:
+    """The BullMQ state and job of a job whose final status was published.
+
+    The worker publishes that status just before BullMQ records the job's end,
+    so the job may still be `active` for a moment: this waits it out.
+    """
     queue = Queue(
         queue_name or settings.chat_queue,
         {"connection": settings.effective_redis_url, "prefix": settings.queue_prefix},
     )
     try:
-        job = await queue.getJob(job_id)
-        state = await queue.getJobState(job_id)
-        return state, job
+        async with asyncio.timeout(WAIT_S):
+            while (state := await queue.getJobState(job_id)) == "active":  # noqa: ASYNC110 - polled: nothing here signals it
+                await asyncio.sleep(0.005)
+        return state, await queue.getJob(job_id)
     finally:
         await queue.close()
 

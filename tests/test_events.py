@@ -33,14 +33,14 @@ async def test_deltas_handed_over_at_once_arrive_in_order_on_channel_and_stream(
     publisher = RedisPublisher(client)
     replies = [(str(uuid4()), str(uuid4())) for _ in range(20)]
     round_trips = 0
-    round_trip = publisher._round_trip
+    round_trip = publisher._deltas._round_trip
 
     async def counting_round_trip(packed: bytes, count: int) -> list[object]:
         nonlocal round_trips
         round_trips += 1
         return await round_trip(packed, count)
 
-    publisher._round_trip = counting_round_trip  # type: ignore[method-assign]
+    publisher._deltas._round_trip = counting_round_trip  # type: ignore[method-assign]
     try:
         async with record_events(*(conversation_channel(c) for c, _ in replies)) as recorder:
             sent = []
@@ -174,7 +174,7 @@ async def test_deltas_queued_behind_a_batch_that_broke_are_failed_not_left_waiti
         await asyncio.sleep(0.05)  # the next deltas are queued meanwhile
         raise RuntimeError("unforeseen")
 
-    publisher._send = breaking_send  # type: ignore[method-assign]
+    publisher._deltas._send = breaking_send  # type: ignore[method-assign]
 
     def send(seq: int) -> asyncio.Future[None]:
         return publisher.send_delta(

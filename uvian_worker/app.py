@@ -36,6 +36,7 @@ from uvian_worker.runtime.lifecycle import (
     QueueWorkers,
     ShutdownSignals,
 )
+from uvian_worker.runtime.progress import ProgressReporter
 from uvian_worker.runtime.runner import JobRunner
 from uvian_worker.runtime.stall_watch import StallWatch
 from uvian_worker.runtime.sweeper import ReplySweeper
@@ -123,7 +124,13 @@ class WorkerApp:
         executors = _executors(settings, database, self.provider, publisher, turns, self.metrics)
         executors.update(extra_executors or {})
         runner = JobRunner(
-            executors, JobRepository(database), publisher, self.control, metrics=self.metrics
+            executors,
+            JobRepository(database),
+            publisher,
+            self.control,
+            metrics=self.metrics,
+            # The queues' Redis: events and queues share one server (REDIS_URL).
+            progress=ProgressReporter(self.events_redis),
         )
         self.queues = QueueWorkers(_queue_specs(settings), _queue_options(settings), runner)
         self.chat_queue = Queue(

@@ -12,12 +12,12 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-import hiredis
 import orjson
 import redis.asyncio as redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from uvian_worker.clock import now_s
+from uvian_worker.command_batches import CommandBatcher, pack
 from uvian_worker.errors import EventsUnavailable
 from uvian_worker.observability.logs import LogThrottle
 
@@ -40,10 +40,6 @@ REPLY_STREAM_ENDED_TTL_S = 300  # after its final event
 _STALE_ENTRY_ID = "equal or smaller than the target stream top item"
 _throttle = LogThrottle()
 
-# A queued delta: its commands, packed in Redis's wire format, and the future its
-# sender waits on.
-_Queued = list[tuple[list[bytes], asyncio.Future[None]]]
-
 
 class Publisher(Protocol):
     async def publish(self, channel: str, event: Mapping[str, Any]) -> None: ...
@@ -65,10 +61,10 @@ class Publisher(Protocol):
         """
 
 
-def _pack(*args: _StreamValue) -> bytes:
-    """One command in Redis's wire format."""
-    packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]  # stub: a 1-tuple
-    return packed
+def _unavailable(exc: BaseException) -> EventsUnavailable:
+    if isinstance(exc, RedisError | OSError):
+        return EventsUnavailable(f"cannot publish events: {type(exc).__name__}")
+    return EventsUnavailable("the delta was not sent")
 
 
 def conversation_channel(conversation_id: object) -> str:
@@ -133,8 +129,7 @@ class RedisPublisher:
 
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
-        self._deltas: _Queued = []
-        self._sender: asyncio.Task[None] | None = None
+        self._deltas = CommandBatcher(client, "reply deltas", _unavailable)
 
     async def publish(self, channel: str, event: Mapping[str, Any]) -> None:
         try:
@@ -145,97 +140,19 @@ class RedisPublisher:
     def send_delta(
         self, channel: str, event: Mapping[str, Any], *, stream_key: str, restart: bool
     ) -> asyncio.Future[None]:
-        # Packed here, in C, rather than by a redis-py pipeline: at a thousand replies the
-        # pipeline's own bookkeeping cost four times the rest of a delta's publishing.
         seq = event["seq"]
         entry = ("seq", seq, "delta", event["delta"], "attempt", event["attempt"])
         commands = [
-            _pack("XADD", stream_key, "MAXLEN", "~", REPLY_STREAM_MAXLEN, f"0-{seq}", *entry),
-            _pack("PUBLISH", channel, orjson.dumps(event)),
+            pack("XADD", stream_key, "MAXLEN", "~", REPLY_STREAM_MAXLEN, f"0-{seq}", *entry),
+            pack("PUBLISH", channel, orjson.dumps(event)),
         ]
         if restart:
             commands[:1] = [
-                _pack("DEL", stream_key),
+                pack("DEL", stream_key),
                 commands[0],
-                _pack("EXPIRE", stream_key, REPLY_STREAM_LIVE_TTL_S),
+                pack("EXPIRE", stream_key, REPLY_STREAM_LIVE_TTL_S),
             ]
-        sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._deltas.append((commands, sent))
-        if self._sender is None or self._sender.done():
-            self._sender = asyncio.ensure_future(self._send_queued())
-        return sent
-
-    async def _send_queued(self) -> None:
-        """Send the queued deltas, one round trip at a time: what is queued while one is
-        on its way goes in the next, so no two batches can overtake each other."""
-        while self._deltas:
-            batch, self._deltas = self._deltas, []
-            try:
-                await self._send(batch)
-            except BaseException as exc:
-                # Cancelled (the worker stopping) or broken in an unforeseen way: no
-                # reply may wait for a delta that will never be sent, this batch's
-                # or one queued behind it.
-                self._fail_queued(batch)
-                if not isinstance(exc, Exception):
-                    raise
-                logger.exception("Sending reply deltas failed")
-                return
-
-    def _fail_queued(self, batch: _Queued) -> None:
-        batch, self._deltas = batch + self._deltas, []
-        for _commands, sent in batch:
-            if not sent.done():
-                sent.set_exception(EventsUnavailable("the delta was not sent"))
-
-    async def _send(self, batch: _Queued) -> None:
-        counts = [len(commands) for commands, _sent in batch]
-        packed = b"".join(command for commands, _sent in batch for command in commands)
-        try:
-            replies = await self._round_trip(packed, sum(counts))
-        except (RedisError, OSError) as exc:
-            unavailable = EventsUnavailable(f"cannot publish events: {type(exc).__name__}")
-            for _commands, sent in batch:
-                if not sent.done():
-                    sent.set_exception(unavailable)
-            return
-        start = 0
-        for count, (_commands, sent) in zip(counts, batch, strict=True):
-            outcome = replies[start : start + count]
-            start += count
-            if sent.done():
-                continue
-            try:
-                RedisPublisher._check(outcome)
-            except EventsUnavailable as exc:
-                sent.set_exception(exc)
-            else:
-                sent.set_result(None)
-
-    async def _round_trip(self, packed: bytes, count: int) -> list[Any]:
-        """Send packed commands on one pooled connection and read their `count` replies.
-
-        A command's error reply is kept as its reply and the rest are read on; an
-        error that leaves the connection unusable (a break, LOADING) fails them all.
-
-        The pool checks a connection as it hands it out and reconnects one that
-        Redis closed (a restart since it was last used). Nothing is resent after a
-        failure: the commands before the break may have run, and a delta published
-        twice would reach clients twice.
-        """
-        pool = self._client.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            await connection.send_packed_command(packed)
-            replies: list[Any] = []
-            for _ in range(count):
-                try:
-                    replies.append(await connection.read_response())
-                except ResponseError as refused:
-                    replies.append(refused)
-            return replies
-        finally:
-            await pool.release(connection)
+        return self._deltas.send(commands, RedisPublisher._check)
 
     async def publish_reply_end(
         self, channel: str, event: Mapping[str, Any], *, stream_key: str, seq: int | None

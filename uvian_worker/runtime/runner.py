@@ -32,6 +32,7 @@ from uvian_worker.executors.base import Executor, JobContext, StopSignal
 from uvian_worker.observability.logs import bind_job
 from uvian_worker.observability.metrics import PROVIDER_ERROR_KINDS
 from uvian_worker.observability.redaction import redact
+from uvian_worker.runtime.progress import ProgressReporter
 from uvian_worker.runtime.retry import (
     BACKOFF_TYPE,
     RetryableJobError,
@@ -110,8 +111,10 @@ class JobRunner:
         stops: StopRequests | None = None,
         *,
         metrics: JobMetrics | None = None,
+        progress: ProgressReporter | None = None,
     ) -> None:
         self._executors = dict(executors)
+        self._progress = progress
         self._outcomes = outcomes
         self._publisher = publisher
         self._stops = stops or NoStopRequests()
@@ -216,7 +219,10 @@ class JobRunner:
 
     def _context(self, job: Job, attempt: int, max_attempts: int, stop: StopSignal) -> JobContext:
         async def report_progress(progress: dict[str, Any]) -> None:
-            await job.updateProgress(progress)
+            if self._progress is not None:
+                await self._progress.report(job, progress)
+            else:
+                await job.updateProgress(progress)
 
         return JobContext(
             job_id=_job_uuid(job),

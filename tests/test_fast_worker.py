@@ -250,6 +250,34 @@ async def test_no_fetch_takes_a_job_once_paused(bench: Bench) -> None:
     assert active <= held + 1
 
 
+async def test_a_pause_right_after_a_resume_takes_no_job_and_returns_at_once(
+    bench: Bench,
+) -> None:
+    # resume() lets the main loop open a slot; a pause() before that slot starts found
+    # no blocking wait to cancel, and the slot then waited for a job while paused (a
+    # helper's script: pause() took the whole 5 s drain delay, and a job added
+    # meanwhile ran while the worker was paused).
+    worker = bench.start(quick, concurrency=50)
+    await asyncio.sleep(0.3)  # idle in its blocking wait
+    await worker.pause(do_not_wait_active=True)
+    await asyncio.sleep(0.1)  # the main loop now waits for a resume
+    worker.resume()
+    started_s = asyncio.get_running_loop().time()
+    pausing = asyncio.ensure_future(worker.pause())
+    await asyncio.sleep(0.3)
+    [job_id] = await bench.add(1)
+    async with asyncio.timeout(2):
+        await pausing
+    paused_in_s = asyncio.get_running_loop().time() - started_s
+    await asyncio.sleep(0.3)
+
+    assert bench.runs[job_id] == 0
+    assert paused_in_s < 1.0
+    worker.resume()
+    await bench.finished(1)
+    assert bench.runs[job_id] == 1
+
+
 async def test_close_ends_a_blocking_wait_that_swallowed_its_cancel(bench: Bench) -> None:
     # redis-py retries a blocking read its own read timeout ended; a cancel landing then
     # was lost and close() waited for the new read (one run in about twenty of this file).

@@ -108,6 +108,10 @@ class FastWorker(Worker):  # type: ignore[misc]  # bullmq ships without type inf
 
     async def _slot(self, token: str) -> None:
         try:
+            if self.paused or self.closing:
+                # Paused or closing between the loop opening this slot and its start:
+                # pause() and close() found no blocking wait to cancel, so none begins.
+                return
             job = await self.retryIfFailed(
                 lambda: self.getNextJob(token),
                 {"delay_in_ms": self.opts["runRetryDelay"], "only_emit_error": True},

@@ -16,7 +16,8 @@ What stays as it was:
   `lockDuration`, as `moveToActive` does, and the lock manager tracks each job
   while it runs, so renewals and stalled checks see no difference;
 - close and pause: a slot asks for more only while the worker is neither
-  closing nor paused; a job fetched in the instant `close()` or `pause()` began
+  closing nor paused, and was not paused since the slot began (`pause()` waits
+  for it, resumed or not); a job fetched in the instant `close()` or `pause()` began
   still runs in its slot, which they wait for, so no job is left locked in
   `active` with nobody working on it;
 - failures: a failed attempt goes through `Job.moveToFailed` as before (retry
@@ -58,6 +59,7 @@ _RECANCEL_EVERY_S = 0.5
 class FastWorker(Worker):  # type: ignore[misc]  # bullmq ships without type information
     running: bool  # the package's flags, set in its __init__
     _fetching = False  # a slot is asking Redis for a job (or waiting for one)
+    _pauses = 0  # how many times pause() was called
     _slot_news: asyncio.Event | None = None  # a fetch or a slot ended: the main loop looks
 
     async def run(self) -> None:
@@ -155,13 +157,33 @@ class FastWorker(Worker):  # type: ignore[misc]  # bullmq ships without type inf
                 waiter.cancel()
 
     async def processJob(self, job: Job, token: str) -> None:
-        """Run `job`, then every job its slot fetches while finishing the previous one."""
+        """Run `job`, then every job its slot fetches while finishing the previous one.
+
+        The chain ends at a pause (even one resumed since: `pause()` waits for this
+        slot, and a slot that went on would hold it until the queue ran dry), at a
+        forced close, and when the slot was cancelled but the Redis client swallowed
+        the cancel and let the finishing call return a job. A job fetched then stays
+        in `active` under a lock nobody renews, and the stalled check puts it back.
+        """
+        pauses = self._pauses
         next_job: Job | None = job
         while next_job is not None:
-            next_job = await self._run_in_slot(next_job, token)
+            next_job = await self._run_in_slot(next_job, token, chain=pauses == self._pauses)
+            if next_job is not None and self._cut_off():
+                raise asyncio.CancelledError
 
-    async def _run_in_slot(self, job: Job, token: str) -> Job | None:
-        """The stock `processJob` for one job; returns the job fetched when it completed."""
+    def _cut_off(self) -> bool:
+        """Whether this slot must not start the job it fetched."""
+        slot = asyncio.current_task()
+        return self.forceClosing or (slot is not None and slot.cancelling() > 0)
+
+    async def pause(self, do_not_wait_active: bool = False) -> None:
+        self._pauses += 1
+        await super().pause(do_not_wait_active)
+
+    async def _run_in_slot(self, job: Job, token: str, *, chain: bool) -> Job | None:
+        """The stock `processJob` for one job; returns the job fetched when it completed
+        (none is fetched unless `chain`)."""
         self._apply_worker_retention(job)
         self.jobs.add((job, token))
         controller = self.lockManager.track_job(
@@ -181,7 +203,7 @@ class FastWorker(Worker):  # type: ignore[misc]  # bullmq ships without type inf
                 result = await self.processor(job, token, controller.signal)
             else:
                 result = await self.processor(job, token)
-            next_job_data = await self._complete(job, result, token)
+            next_job_data = await self._complete(job, result, token, chain=chain)
         except (DelayedError, WaitingChildrenError):
             return None
         except Exception as err:  # noqa: BLE001 - the stock worker's contract: report, go on
@@ -198,7 +220,7 @@ class FastWorker(Worker):  # type: ignore[misc]  # bullmq ships without type inf
             if option not in job.opts and option in self.opts:
                 job.opts[option] = self.opts[option]
 
-    async def _complete(self, job: Job, result: Any, token: str) -> Any:
+    async def _complete(self, job: Job, result: Any, token: str, *, chain: bool) -> Any:
         """Mark `job` completed, asking for the next job in the same call when more is wanted.
 
         Returns what the script answered about the next job, or None when none was asked for.
@@ -208,7 +230,7 @@ class FastWorker(Worker):  # type: ignore[misc]  # bullmq ships without type inf
             self.emit("completed", job, result)
             return None
 
-        fetch_next = not (self.closing or self.paused)
+        fetch_next = chain and not (self.closing or self.paused)
         finished = await self.backend.moveToCompleted(
             job, result, job.opts.get("removeOnComplete", False), token, fetch_next=fetch_next
         )

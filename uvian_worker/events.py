@@ -17,14 +17,11 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from uvian_worker.clock import now_s
-from uvian_worker.command_batches import CommandBatcher, pack
+from uvian_worker.command_batches import Arg, CommandBatcher, pack
 from uvian_worker.errors import EventsUnavailable
 from uvian_worker.observability.logs import LogThrottle
 
 logger = logging.getLogger(__name__)
-
-_StreamValue = bytes | bytearray | memoryview | str | int | float
-
 
 # Each in-flight reply's deltas are also kept in a capped Redis Stream, so a
 # client that connects late or reconnects can catch up from a sequence number.
@@ -157,7 +154,7 @@ class RedisPublisher:
     async def publish_reply_end(
         self, channel: str, event: Mapping[str, Any], *, stream_key: str, seq: int | None
     ) -> None:
-        fields: dict[_StreamValue, _StreamValue] = {"final": event["status"]}
+        fields: dict[Arg, Arg] = {"final": event["status"]}
         if seq is not None:
             fields["seq"] = seq
         if event.get("attempt") is not None:

@@ -109,6 +109,7 @@ class FastWorker(Worker):  # type: ignore[misc]  # bullmq ships without type inf
         slot.add_done_callback(self._slot_ended)
 
     async def _slot(self, token: str) -> None:
+        pauses = self._pauses
         try:
             if self.paused or self.closing:
                 # Paused or closing between the loop opening this slot and its start:
@@ -122,7 +123,7 @@ class FastWorker(Worker):  # type: ignore[misc]  # bullmq ships without type inf
             self._fetching = False
             self._tell_main_loop()
         if job is not None:
-            await self.processJob(job, token)
+            await self._run_chain(job, token, pauses)
 
     def _slot_ended(self, slot: asyncio.Future[None]) -> None:
         self.processing.discard(slot)
@@ -157,15 +158,19 @@ class FastWorker(Worker):  # type: ignore[misc]  # bullmq ships without type inf
                 waiter.cancel()
 
     async def processJob(self, job: Job, token: str) -> None:
-        """Run `job`, then every job its slot fetches while finishing the previous one.
+        """Run `job`, then every job its slot fetches while finishing the previous one."""
+        await self._run_chain(job, token, self._pauses)
 
-        The chain ends at a pause (even one resumed since: `pause()` waits for this
-        slot, and a slot that went on would hold it until the queue ran dry), at a
-        forced close, and when the slot was cancelled but the Redis client swallowed
-        the cancel and let the finishing call return a job. A job fetched then stays
-        in `active` under a lock nobody renews, and the stalled check puts it back.
+    async def _run_chain(self, job: Job, token: str, pauses: int) -> None:
+        """Run `job` and the jobs fetched after it, until the chain must end.
+
+        It ends at a pause since `pauses` was counted (even one resumed since:
+        `pause()` waits for this slot, and a slot that went on would hold it until
+        the queue ran dry), at a forced close, and when the slot was cancelled but
+        the Redis client swallowed the cancel and let the finishing call return a
+        job. A job fetched then stays in `active` under a lock nobody renews, and
+        the stalled check puts it back.
         """
-        pauses = self._pauses
         next_job: Job | None = job
         while next_job is not None:
             next_job = await self._run_in_slot(next_job, token, chain=pauses == self._pauses)

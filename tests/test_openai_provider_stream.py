@@ -88,17 +88,23 @@ async def test_the_events_of_one_read_are_one_chunk(
     ]
 
 
+async def texts_before_failure(provider: OpenAIProvider, message: str) -> list[str]:
+    """The chunks' texts a reply yields before it fails with `message`."""
+    seen: list[str] = []
+    with pytest.raises(ProviderFailed, match=message):
+        async for chunk in provider.stream_reply(REQUEST):
+            seen.append(chunk.text)
+    return seen
+
+
 async def test_text_before_an_error_in_the_same_read_reaches_the_reply(
     serve: Serve, open_provider: Callable[[str], OpenAIProvider]
 ) -> None:
     failure = event({"error": {"message": "CUDA out of memory", "type": "server_error"}})
     upstream = Upstream([delta("Part") + delta("ial") + failure])
     provider = open_provider(await serve(upstream.handle))
-    seen: list[str] = []
 
-    with pytest.raises(ProviderFailed, match="CUDA out of memory"):
-        async for chunk in provider.stream_reply(REQUEST):
-            seen.append(chunk.text)
+    seen = await texts_before_failure(provider, "CUDA out of memory")
 
     assert seen == ["Partial"]
 
@@ -243,11 +249,8 @@ async def test_error_object_mid_stream_is_a_failure_not_a_reply(
     error = {"message": "CUDA out of memory", "type": "InternalServerError", "code": 500}
     upstream = Upstream([delta("Partial"), event({"error": error}), DONE])
     provider = open_provider(await serve(upstream.handle))
-    seen: list[str] = []
 
-    with pytest.raises(ProviderFailed, match="CUDA out of memory"):
-        async for chunk in provider.stream_reply(REQUEST):
-            seen.append(chunk.text)
+    seen = await texts_before_failure(provider, "CUDA out of memory")
 
     assert seen == ["Partial"]
 
